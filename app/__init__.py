@@ -1,0 +1,1 @@
+"""The DMFT activity service (HTTP API over the model bundles)."""
