@@ -27,6 +27,19 @@ def random_rotations(batch: int, max_degrees: float, generator: torch.Generator,
     return eye + sin * cross + (1 - cos) * (cross @ cross)  # Rodrigues' formula
 
 
+def resample(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``x (B, T, C)`` at fractional sample ``positions (B, T)``, clamped to the window."""
+    T = x.shape[1]
+    positions = positions.clamp(0, T - 1)
+    below = positions.floor().long().clamp(0, max(T - 2, 0))
+    above = (below + 1).clamp(max=T - 1)
+    weight = (positions - below)[:, :, None]
+    channels = x.shape[2]
+    low = x.gather(1, below[:, :, None].expand(-1, -1, channels))
+    high = x.gather(1, above[:, :, None].expand(-1, -1, channels))
+    return low + (high - low) * weight
+
+
 def augment(
     xs: list[torch.Tensor],
     specs: list[ModalitySpec],
@@ -34,10 +47,12 @@ def augment(
     config: TrainConfig,
     generator: torch.Generator,
 ) -> list[torch.Tensor]:
-    """Rotate, scale, shift in time and jitter a batch of raw windows ``[(B, T_m, C_m), ...]``."""
+    """Rotate, scale, change the speed of, shift and jitter a batch of raw windows ``[(B, T_m, C_m), ...]``."""
     batch, device = xs[0].shape[0], xs[0].device
     rotation = random_rotations(batch, config.rotation_degrees, generator, device)
     shift_seconds = (torch.rand(batch, generator=generator, device=device) * 2 - 1) * config.shift_seconds
+    # People repeat an exercise faster or slower: play the window back at a random speed.
+    speed = 1 + (torch.rand(batch, generator=generator, device=device) * 2 - 1) * config.speed_change
     out = []
     for x, spec, std in zip(xs, specs, channel_std, strict=True):
         _, T, C = x.shape
@@ -46,10 +61,11 @@ def augment(
             x = (x.view(batch, T, C // 3, 3) @ rotation[:, None].transpose(-1, -2)).view(batch, T, C)
         scale = 1 + config.scale_sd * torch.randn(batch, 1, 1, generator=generator, device=device)
         x = x * scale
-        # Shift by whole samples, repeating the edge sample rather than wrapping around.
-        offset = (shift_seconds * spec.sample_rate).round().long()
-        index = (torch.arange(T, device=device)[None, :] - offset[:, None]).clamp(0, T - 1)
-        x = x.gather(1, index[:, :, None].expand(batch, T, C))
+        # Resample at shifted, stretched times (one speed and shift for all modalities),
+        # repeating the edge samples rather than wrapping around.
+        centre = (T - 1) / 2
+        times = (torch.arange(T, device=device)[None, :] - centre) * speed[:, None] + centre
+        x = resample(x, times - shift_seconds[:, None] * spec.sample_rate)
         x = x + config.jitter_sd * std * torch.randn(x.shape, generator=generator, device=device)
         out.append(x)
     return out

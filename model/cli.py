@@ -7,6 +7,7 @@ import json
 import logging
 import shlex
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from model.config import TrainConfig
@@ -82,7 +83,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Adds sub-commands to the parser; the service package contributes ``serve`` this way.
+Extension = Callable[[argparse._SubParsersAction], None]
+
+
+def build_parser(extensions: Iterable[Extension] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmft", description="DMFT human activity recognition")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--window-seconds", type=float)
     evaluate.set_defaults(handler=cmd_evaluate)
+    for extend in extensions:
+        extend(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extensions: Iterable[Extension] = ()) -> int:
+    args = build_parser(extensions).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -107,6 +107,8 @@ class TrainConfig:
     rotation_degrees: float = 20.0
     scale_sd: float = 0.1
     shift_seconds: float = 0.2
+    # Relative change of playback speed: +-15 % covers how fast people repeat an exercise.
+    speed_change: float = 0.15
     jitter_sd: float = 0.05
     distill: DistillConfig = field(default_factory=DistillConfig)
 

@@ -1,0 +1,64 @@
+"""Every Prometheus metric of the service, declared once.
+
+Label values are bounded: route templates (never a session id), model names,
+activity classes, modality names and error codes. With ``PROMETHEUS_MULTIPROC_DIR``
+set (several uvicorn workers) each process writes its samples there and ``/metrics``
+aggregates them with the multiprocess collector.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+REQUEST_DURATION = Histogram(
+    "dmft_request_duration_seconds",
+    "HTTP request duration by route template, method and status.",
+    ["route", "method", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_DURATION = Histogram(
+    "dmft_inference_duration_seconds",
+    "Duration of one batched forward pass.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("dmft_batch_size", "Windows per forward pass.", ["model"], buckets=BATCH_BUCKETS)
+QUEUE_WAIT = Histogram(
+    "dmft_queue_wait_seconds",
+    "Time a window waited in the inference queue before its forward pass started.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "dmft_predictions_total", "Windows classified, by answering model and activity.", ["model", "activity"]
+)
+ACTIVE_SESSIONS = Gauge(
+    "dmft_active_sessions",
+    "Streaming sessions not yet expired or ended.",
+    # Every process reads the same shared count from the store: the latest reading is right.
+    multiprocess_mode="mostrecent",
+)
+INGESTED_SAMPLES = Counter("dmft_ingested_samples_total", "Samples appended to session buffers.", ["modality"])
+ERRORS = Counter("dmft_errors_total", "Error answers by reason.", ["reason"])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for ``/metrics`` and its content type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

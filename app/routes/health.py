@@ -1,0 +1,37 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from app import metrics
+from app.deps import EngineDep, StoreDep
+from app.schemas import Health
+from app.store import StoreUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", responses={503: {"model": Health}})
+async def readyz(engine: EngineDep, store: StoreDep) -> JSONResponse:
+    checks = {"models": "ok" if engine.bundles else "not loaded"}
+    try:
+        await store.ping()
+        checks["store"] = "ok"
+    except StoreUnavailable as error:
+        checks["store"] = f"unreachable: {error}"
+    ready = all(value == "ok" for value in checks.values())
+    body = Health(status="ok" if ready else "unavailable", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+async def scrape() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

@@ -1,0 +1,127 @@
+"""Request and response bodies of the API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+# A sample value: a JSON number, never a string, boolean, NaN or infinity.
+Sample = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+# Rows of samples of one modality: ``[[x, y, z], ...]``, one row per sample.
+Rows = list[list[Sample]]
+ModelChoice = Literal["student", "teacher", "cascade"]
+
+
+class WindowSamples(BaseModel):
+    modalities: dict[str, Rows] = Field(
+        min_length=1,
+        description="One window per modality: exactly the model's samples per window, one row of channels each.",
+        examples=[{"accelerometer": [[0.01, -0.98, 0.12]], "gyroscope": [[0.1, 0.0, -0.2]]}],
+    )
+
+
+class Window(WindowSamples):
+    model: ModelChoice = "student"
+
+
+class Prediction(BaseModel):
+    activity: str
+    confidence: float
+    probabilities: dict[str, float]
+    model: str = Field(description="The model that answered (in a cascade, the student or the teacher).")
+    model_version: str
+    modalities_used: list[str]
+    latency_ms: float
+
+
+class BatchRequest(BaseModel):
+    windows: list[WindowSamples] = Field(min_length=1)
+    model: ModelChoice = "student"
+
+
+class BatchResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class ModalityInfo(BaseModel):
+    name: str
+    channels: int
+    sample_rate: float
+    samples_per_window: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    params: int
+    window_seconds: float
+    modalities: list[ModalityInfo]
+    classes: list[str]
+    metrics: dict = Field(description="Held-out evaluation stored in the bundle.")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+    cascade_threshold: float
+
+
+class SamplesChunk(BaseModel):
+    seq: int = Field(ge=0, description="0 for the first chunk of a session, then one more per chunk.")
+    modalities: dict[str, Rows] = Field(min_length=1, description="Samples per modality, any count, at its rate.")
+    model: ModelChoice = Field(default="student", description="Fixed by the session's first chunk.")
+
+
+class WindowPrediction(BaseModel):
+    window: int = Field(description="Index of the window in the session, from 0.")
+    start_seconds: float = Field(description="Start of the window, seconds after the session's first sample.")
+    end_seconds: float
+    start_time: datetime
+    end_time: datetime
+    start_sample: dict[str, int] = Field(description="Index of the window's first sample, per modality.")
+    end_sample: dict[str, int] = Field(description="Index one past the window's last sample, per modality.")
+    activity: str
+    confidence: float
+    probabilities: dict[str, float]
+    model: str
+
+
+class SamplesResponse(BaseModel):
+    session_id: str
+    seq: int
+    duplicate: bool = Field(description="True when this seq was already appended; nothing was appended again.")
+    predictions: list[WindowPrediction]
+    received: dict[str, int] = Field(description="Samples received so far, per modality.")
+    buffered: dict[str, int] = Field(description="Samples held for windows still to come, per modality.")
+
+
+class SessionState(BaseModel):
+    session_id: str
+    model: str
+    modalities: list[str]
+    seq: int
+    started_at: datetime
+    updated_at: datetime
+    activity: str | None = Field(description="Most likely activity over the last few windows; null before one.")
+    confidence: float | None
+    since: datetime | None = Field(description="Start of the first window of the current activity still retained.")
+    windows: int = Field(description="Windows classified so far.")
+    received: dict[str, int]
+    buffered: dict[str, int]
+    recent: list[WindowPrediction] = Field(description="Latest predictions, newest last.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = {}
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable reason, e.g. 'invalid_input', 'seq_conflict'.")
+    message: str
+    details: list[dict] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
