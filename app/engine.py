@@ -90,10 +90,14 @@ class InferenceEngine:
         if not rows:
             raise invalid_input(f"{name}: no samples")
         channels = specs[name].channels
-        for index, row in enumerate(rows):
-            if len(row) != channels:
-                raise invalid_input(f"{name}: row {index} has {len(row)} values, expected {channels} channels")
-        return np.asarray(rows, dtype=np.float32)
+        try:
+            array = np.asarray(rows, dtype=np.float32)
+        except ValueError:  # ragged rows; the loop below names the first one
+            array = None
+        if array is None or array.shape[1:] != (channels,):
+            index, row = next((i, row) for i, row in enumerate(rows) if len(row) != channels)
+            raise invalid_input(f"{name}: row {index} has {len(row)} values, expected {channels} channels")
+        return array
 
     async def predict_windows(self, windows: list[dict[str, np.ndarray]], model: str) -> list[Answer]:
         """Probabilities for each window, in order; the cascade asks the teacher only where needed."""

@@ -37,7 +37,7 @@ def resample(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     channels = x.shape[2]
     low = x.gather(1, below[:, :, None].expand(-1, -1, channels))
     high = x.gather(1, above[:, :, None].expand(-1, -1, channels))
-    return low + (high - low) * weight
+    return torch.lerp(low, high, weight)  # exact at whole positions, both ends included
 
 
 def augment(
@@ -63,9 +63,9 @@ def augment(
         x = x * scale
         # Resample at shifted, stretched times (one speed and shift for all modalities),
         # repeating the edge samples rather than wrapping around.
-        centre = (T - 1) / 2
-        times = (torch.arange(T, device=device)[None, :] - centre) * speed[:, None] + centre
-        x = resample(x, times - shift_seconds[:, None] * spec.sample_rate)
+        steps = torch.arange(T, device=device, dtype=x.dtype)[None, :]
+        stretch = (steps - (T - 1) / 2) * (speed[:, None] - 1)  # exactly zero at speed 1
+        x = resample(x, steps + stretch - shift_seconds[:, None] * spec.sample_rate)
         x = x + config.jitter_sd * std * torch.randn(x.shape, generator=generator, device=device)
         out.append(x)
     return out

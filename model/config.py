@@ -94,14 +94,17 @@ class DistillConfig:
 class TrainConfig:
     """Optimisation and augmentation of one training run."""
 
-    epochs: int = 60
+    # 80 epochs: held-out accuracy still rose from 60 to 110 epochs in our runs.
+    epochs: int = 80
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 3
     label_smoothing: float = 0.1
-    # Probability that a training window loses one of its modalities (never all).
-    modality_dropout: float = 0.25
+    # Probability that a training window loses one of its modalities (never all): at 0.5
+    # each single modality is seen alone a quarter of the time, which the missing-sensor
+    # accuracy needs, while full windows keep their accuracy.
+    modality_dropout: float = 0.5
     augment: bool = True
     # Augmentation strengths, in physical units where they have one.
     rotation_degrees: float = 20.0

@@ -22,6 +22,10 @@ from model.config import DMFTConfig, ModalitySpec
 from model.data import WindowDataset, save_npz
 from model.dmft import DMFT
 
+# Fixtures of the HTTP service tests: the real test Redis and the real watch data.
+from .redis_fixtures import module_redis_target, redis_target  # noqa: F401
+from .service_fixtures import no_server_errors, watch_data  # noqa: F401
+
 # Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine idle
 # OpenMP workers spinning against another job slow every op by an order of magnitude.
 # One thread here, and in the `dmft` subprocesses, which inherit the environment; an

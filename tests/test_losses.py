@@ -132,7 +132,7 @@ def test_augment_rotation_preserves_vector_norms_and_rotates_modalities_together
         ModalitySpec("gyroscope", 6, 50.0, rotatable=True),  # two x/y/z triplets
         ModalitySpec("barometer", 1, 50.0),
     ]
-    config = TrainConfig(rotation_degrees=45.0, scale_sd=0.0, jitter_sd=0.0, shift_seconds=0.0)
+    config = TrainConfig(rotation_degrees=45.0, scale_sd=0.0, jitter_sd=0.0, shift_seconds=0.0, speed_change=0.0)
     generator = torch.Generator().manual_seed(0)
     accelerometer = torch.randn(4, 50, 3, generator=generator)
     gyroscope = torch.cat([accelerometer, 2 * torch.randn(4, 50, 3, generator=generator)], dim=2)
@@ -154,7 +154,7 @@ def test_augment_rotation_preserves_vector_norms_and_rotates_modalities_together
 
 def test_augment_shift_moves_every_modality_by_same_seconds_repeating_edges() -> None:
     specs = [ModalitySpec("accelerometer", 3, 50.0), ModalitySpec("gyroscope", 3, 25.0)]
-    config = TrainConfig(rotation_degrees=0.0, scale_sd=0.0, jitter_sd=0.0, shift_seconds=0.2)
+    config = TrainConfig(rotation_degrees=0.0, scale_sd=0.0, jitter_sd=0.0, shift_seconds=0.2, speed_change=0.0)
     # Each sample holds its own time in seconds, so a shift shows up as a constant offset.
     xs = [
         (torch.arange(50.0) / 50).view(1, 50, 1).expand(8, 50, 3),

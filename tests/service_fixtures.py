@@ -1,0 +1,154 @@
+"""Shared pieces of the HTTP service tests: the real watch data, the error shape, metrics, no 500s.
+
+The watch dataset is built once per test session from the recordings shipped in
+``seglearn`` (2 s windows at 50 Hz, hop 1 s) and split by held-out subjects exactly as
+training splits it, so the windows posted here were never trained on.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import metrics
+from app.settings import Settings
+from model.data import WindowDataset, train_test_split
+from model.watch import CHANNELS, build_watch_dataset, load_recordings
+
+MODALITIES = tuple(CHANNELS)  # ("accelerometer", "gyroscope")
+WINDOW = 100  # samples per window of the shipped bundles (2 s at 50 Hz)
+HOP = 50  # samples between session windows (the default hop of 1 s at 50 Hz)
+ERROR_KEYS = {"code", "message", "details"}
+
+Rows = list[list[float]]
+
+
+@dataclass(frozen=True)
+class WatchData:
+    dataset: WindowDataset
+    recording: np.ndarray  # recording index of each window
+    test: np.ndarray  # indices of the held-out windows
+    held_out_subjects: list[int]
+    raw: dict[str, Any]  # seglearn's recordings: X (list of (L, 6)), y, subject, y_labels
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
+
+    def window(self, index: int, modalities: tuple[str, ...] = MODALITIES) -> dict[str, Rows]:
+        """Window ``index`` of the dataset as the JSON rows of a request."""
+        return {name: self.dataset.arrays[name][index].tolist() for name in modalities}
+
+    def held_out_recordings(self) -> list[int]:
+        """Recordings of the held-out subjects, shortest first."""
+        subjects = np.asarray(self.raw["subject"])
+        chosen = [i for i in range(len(self.raw["X"])) if int(subjects[i]) in self.held_out_subjects]
+        return sorted(chosen, key=lambda i: len(self.raw["X"][i]))
+
+    def recording_samples(self, index: int) -> dict[str, np.ndarray]:
+        """The raw samples of one recording, per modality: ``(L, 3)`` float64."""
+        series = np.asarray(self.raw["X"][index], dtype=np.float64)
+        return {name: series[:, channels] for name, channels in CHANNELS.items()}
+
+    def recording_label(self, index: int) -> str:
+        return self.class_names[int(self.raw["y"][index])]
+
+
+@pytest.fixture(scope="session")
+def watch_data() -> WatchData:
+    dataset, recording = build_watch_dataset()
+    split = train_test_split(dataset)
+    return WatchData(
+        dataset=dataset,
+        recording=recording,
+        test=split.test,
+        held_out_subjects=split.held_out_subjects,
+        raw=load_recordings(),
+    )
+
+
+def memory_settings(**overrides: Any) -> Settings:
+    """An app with sessions in its own process and untraced models, whatever ``REDIS_URL`` the environment sets."""
+    return Settings(**{"redis_url": None, "compile_models": False, **overrides})
+
+
+def assert_error(
+    response: Any, status: int, code: str | None = None, *, mentions: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The answer is ``status`` in the service's one error shape; its message names every ``mentions``."""
+    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"code", "message"} <= set(error) <= ERROR_KEYS, error
+    assert isinstance(error["code"], str) and error["code"], error
+    assert isinstance(error["message"], str) and error["message"], error
+    if code is not None:
+        assert error["code"] == code, error
+    if "details" in error:
+        assert isinstance(error["details"], list) and all(isinstance(d, dict) for d in error["details"]), error
+    for word in mentions:
+        assert word.lower() in error["message"].lower(), f"{word!r} not named in {error['message']!r}"
+    return error
+
+
+def assert_no_server_error(response: Any) -> None:
+    """Anything but a 5xx other than the documented 503 (overload, store outage)."""
+    assert response.status_code < 500 or response.status_code == 503, f"{response.status_code}: {response.text}"
+
+
+def server_errors() -> float:
+    """Requests this process has answered with a 5xx other than 503, by the request metric."""
+    total = 0.0
+    for family in metrics.REQUEST_DURATION.collect():
+        for sample in family.samples:
+            status = sample.labels.get("status", "")
+            if sample.name.endswith("_count") and status.startswith("5") and status != "503":
+                total += sample.value
+    return total
+
+
+@pytest.fixture
+def no_server_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test during which the app answered any 500 (tests expected to fail for a bug are exempt)."""
+    before = server_errors()
+    yield
+    if request.node.get_closest_marker("xfail") is None:
+        assert server_errors() == before, "the service answered 500 during this test"
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def parse_metrics(text: str) -> list[Sample]:
+    return [
+        Sample(sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def metric_value(samples: list[Sample], name: str, labels: Mapping[str, str] | None = None) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    wanted = dict(labels or {})
+    return sum(
+        sample.value
+        for sample in samples
+        if sample.name == name and all(sample.labels.get(key) == value for key, value in wanted.items())
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
