@@ -91,12 +91,16 @@ class InferenceEngine:
             raise invalid_input(f"{name}: no samples")
         channels = specs[name].channels
         try:
-            array = np.asarray(rows, dtype=np.float32)
+            with np.errstate(over="ignore"):  # out-of-range values are reported below
+                array = np.asarray(rows, dtype=np.float32)
         except ValueError:  # ragged rows; the loop below names the first one
             array = None
         if array is None or array.shape[1:] != (channels,):
             index, row = next((i, row) for i, row in enumerate(rows) if len(row) != channels)
             raise invalid_input(f"{name}: row {index} has {len(row)} values, expected {channels} channels")
+        if not np.isfinite(array).all():
+            row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
+            raise invalid_input(f"{name}: row {row} holds a value outside the float32 range")
         return array
 
     async def predict_windows(self, windows: list[dict[str, np.ndarray]], model: str) -> list[Answer]:

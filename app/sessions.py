@@ -2,8 +2,9 @@
 
 A session's modalities and model are fixed by its first chunk (``seq`` 0). Windows
 start every ``hop_seconds`` and are classified as soon as every modality covers one;
-the store decides atomically which windows a chunk completed, so each window is
-classified once even when several API processes serve one session.
+the store hands out complete windows and records each window's prediction once, even
+when several API processes serve one session. A window whose classification failed
+(overload, store outage) stays pending: retrying the chunk classifies it then.
 """
 
 from __future__ import annotations
@@ -90,23 +91,22 @@ class SessionService:
                 f"{error.modality}: more than {self.settings.max_buffer_seconds:g} s buffered beyond a window; "
                 "send the other modalities' samples too"
             ) from error
-        predictions: list[WindowPrediction] = []
         if not result.duplicate:
             for name, array in arrays.items():
                 metrics.INGESTED_SAMPLES.labels(modality=name).inc(len(array))
-            if result.windows:
-                predictions = await self._classify(session_id, result)
             await self._update_active_gauge()
+        predictions, buffered = await self._classify(session_id, result) if result.windows else ([], result.buffered)
         return SamplesResponse(
             session_id=session_id,
             seq=result.seq,
             duplicate=result.duplicate,
             predictions=predictions,
             received=result.received,
-            buffered=result.buffered,
+            buffered=buffered,
         )
 
-    async def _classify(self, session_id: str, result: AppendResult) -> list[WindowPrediction]:
+    async def _classify(self, session_id: str, result: AppendResult) -> tuple[list[WindowPrediction], dict[str, int]]:
+        """Classify the pending windows and commit them; returns them and the samples still buffered."""
         layout = result.layout
         assert result.spans is not None
         spans = {
@@ -147,17 +147,21 @@ class SessionService:
                     model=answer.model,
                 )
             )
-            metrics.PREDICTIONS.labels(model=answer.model, activity=classes[best]).inc()
         try:
-            await self.store.record(
+            committed = await self.store.commit(
                 session_id,
+                result.first_window,
                 [p.model_dump(mode="json") for p in predictions],
                 keep=self.settings.recent_predictions,
                 ttl_seconds=self.settings.session_ttl_seconds,
             )
         except StoreUnavailable as error:
             raise self._unavailable(error) from error
-        return predictions
+        # Counted once per window, by the process whose commit recorded it.
+        for prediction in predictions:
+            if prediction.window in committed.recorded:
+                metrics.PREDICTIONS.labels(model=prediction.model, activity=prediction.activity).inc()
+        return predictions, committed.buffered
 
     async def state(self, session_id: str) -> SessionState:
         snapshot = await self._snapshot(session_id)

@@ -46,6 +46,9 @@ class BatchingWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{bundle.name}")
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
+        self._queue_wait = metrics.QUEUE_WAIT.labels(model=bundle.name)
+        self._inference_duration = metrics.INFERENCE_DURATION.labels(model=bundle.name)
+        self._batch_size = metrics.BATCH_SIZE.labels(model=bundle.name)
 
     def start(self) -> None:
         self._accepting = True
@@ -100,7 +103,7 @@ class BatchingWorker:
     async def _forward(self, batch: list[_Job]) -> None:
         started = time.perf_counter()
         for job in batch:
-            metrics.QUEUE_WAIT.labels(model=self.bundle.name).observe(started - job.enqueued)
+            self._queue_wait.observe(started - job.enqueued)
         # Windows with different modality subsets go through the network separately.
         groups: dict[tuple[str, ...], list[_Job]] = {}
         for job in batch:
@@ -117,8 +120,8 @@ class BatchingWorker:
                     if not job.future.done():
                         job.future.set_exception(error)
                 continue
-            metrics.INFERENCE_DURATION.labels(model=self.bundle.name).observe(time.perf_counter() - began)
-            metrics.BATCH_SIZE.labels(model=self.bundle.name).observe(len(jobs))
+            self._inference_duration.observe(time.perf_counter() - began)
+            self._batch_size.observe(len(jobs))
             for job, row in zip(jobs, probabilities, strict=True):
                 if not job.future.done():  # a client that went away cancelled its future
                     job.future.set_result(row)

@@ -263,12 +263,6 @@ def test_append_malformed_chunk_is_422(client: TestClient, body: dict[str, Any],
 
 # Outside float32: the network reads float32, so a finite JSON number can still overflow.
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SessionService.append (app/sessions.py) never checks that samples are finite after the float32 "
-    "cast (app/engine.py to_samples); 1e39 becomes inf, the forward pass refuses it and the answer is "
-    "500 inference_failed, with the windows already claimed and lost",
-)
 def test_append_sample_beyond_float32_range_is_422(client: TestClient, recording: Samples) -> None:
     session_id = new_session_id()
     rows = recording["accelerometer"][:100].tolist()
@@ -277,11 +271,6 @@ def test_append_sample_beyond_float32_range_is_422(client: TestClient, recording
     assert_error(response, 422, "invalid_input", mentions=("accelerometer",))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a first chunk refused for buffering too much (422) still creates the session with seq -1 "
-    "(app/store/memory.py append, app/store/append.lua); in Redis its meta key never expires",
-)
 def test_append_refused_first_chunk_creates_no_session(client: TestClient) -> None:
     session_id = new_session_id()
     too_much = [[0.0, 0.0, 0.0]] * (WINDOW + 120 * 50 + 1)  # one window plus max_buffer_seconds at 50 Hz, plus 1
@@ -324,21 +313,25 @@ def test_invalid_session_id_is_422(client: TestClient, session_id: str) -> None:
 # --- overload ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SessionService.append (app/sessions.py) claims the windows in the store before inference; "
-    "when the model queue refuses them (503 overloaded) they are lost: the retried seq is a duplicate and "
-    "answers no predictions, so those windows are never classified",
-)
-def test_append_overloaded_chunk_retry_gets_its_predictions(recording: Samples) -> None:
-    with TestClient(create_app(memory_settings(queue_size=1))) as client:
-        session_id = new_session_id()
-        chunk = {name: array[:150].tolist() for name, array in recording.items()}  # completes 2 windows at once
-        response = post(client, session_id, 0, chunk)
+def test_append_overloaded_chunk_retried_on_another_replica_gets_its_predictions(
+    recording: Samples, redis_target: RedisTarget
+) -> None:
+    session_id = new_session_id()
+    chunk = {name: array[:150].tolist() for name, array in recording.items()}  # completes 2 windows at once
+    with (
+        TestClient(create_app(redis_target.settings(queue_size=1))) as saturated,
+        TestClient(create_app(redis_target.settings())) as healthy,
+    ):
+        response = post(saturated, session_id, 0, chunk)
         assert_error(response, 503, "overloaded")
         assert response.headers["retry-after"] == "1"
-        retry = append(client, session_id, 0, chunk)
+        assert healthy.get(f"/v1/sessions/{session_id}").json()["windows"] == 0  # appended, nothing committed
+        retry = append(healthy, session_id, 0, chunk)
+        assert retry["duplicate"] is True
         assert [p["window"] for p in retry["predictions"]] == [0, 1]
+        state = healthy.get(f"/v1/sessions/{session_id}").json()
+        assert state["windows"] == 2
+        assert [p["window"] for p in state["recent"]] == [0, 1]
 
 
 # --- several API processes, one session ----------------------------------------------------

@@ -4,6 +4,10 @@ Every test runs a scenario coroutine with ``asyncio.run`` against a fresh store 
 inside that loop (the Redis client binds to the loop that uses it). Streams here are
 tiny: windows of 4 samples every 2, and ramps whose values name their sample index, so
 a span's bytes show exactly which samples the store handed back.
+
+``append`` hands back every complete window not committed yet; ``commit`` records their
+predictions once and lets the store drop the samples no window still needs. The
+streaming tests commit after every append, as the service does.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ from typing import TypeVar
 import numpy as np
 import pytest
 
-from app.store import BufferOverflow, ModalityMismatch, SeqConflict, SessionStore, StreamLayout
+from app.store import (
+    AppendResult,
+    BufferOverflow,
+    CommitResult,
+    ModalityMismatch,
+    SeqConflict,
+    SessionStore,
+    StreamLayout,
+)
 from app.store.memory import MemoryStore
 from app.store.redis_store import RedisStore
 
@@ -28,6 +40,7 @@ StoreFactory = Callable[[], SessionStore]
 Scenario = Callable[[SessionStore], Awaitable[T]]
 
 TTL = 60
+KEEP = 50
 MODEL = "student"
 # One modality per channel count, all cut the same way: windows of 4 samples every 2.
 LAYOUT = StreamLayout(
@@ -35,6 +48,8 @@ LAYOUT = StreamLayout(
 )
 # Two rates: "slow" has half the samples of "fast" in every window and hop.
 TWO_RATES = StreamLayout(modalities=("fast", "slow"), channels=(3, 1), window=(4, 2), hop=(2, 1), max_buffer=(64, 32))
+# One modality, a small buffer: for chunks refused by overflow.
+SMALL = StreamLayout(modalities=("a",), channels=(1,), window=(4,), hop=(2,), max_buffer=(10,))
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -43,6 +58,10 @@ def make_store(request: pytest.FixtureRequest) -> StoreFactory:
     if request.param == "memory":
         return MemoryStore
     target: RedisTarget = request.getfixturevalue("redis_target")
+    return lambda: RedisStore(target.url, prefix=target.prefix)
+
+
+def redis_store(target: RedisTarget) -> StoreFactory:
     return lambda: RedisStore(target.url, prefix=target.prefix)
 
 
@@ -81,10 +100,37 @@ async def append(
     session_id: str = "s1",
     layout: StreamLayout = LAYOUT,
     ttl_seconds: int = TTL,
-) -> object:
+) -> AppendResult:
     return await store.append(
         session_id, seq=seq, model=MODEL, layout=layout, chunk=chunk, now=time.time(), ttl_seconds=ttl_seconds
     )
+
+
+def prediction(window: int, tag: str = "") -> dict:
+    """A dummy prediction naming its window (and, optionally, who made it)."""
+    return {"window": window, "activity": f"a{window}{tag}"}
+
+
+async def commit(
+    store: SessionStore,
+    first: int,
+    count: int,
+    *,
+    session_id: str = "s1",
+    keep: int = KEEP,
+    ttl_seconds: int = TTL,
+    tag: str = "",
+) -> CommitResult:
+    """Commit dummy predictions for windows ``first .. first+count-1``."""
+    predictions = [prediction(w, tag) for w in range(first, first + count)]
+    return await store.commit(session_id, first, predictions, keep=keep, ttl_seconds=ttl_seconds)
+
+
+async def commit_pending(
+    store: SessionStore, result: AppendResult, *, session_id: str = "s1", ttl_seconds: int = TTL
+) -> CommitResult:
+    """Commit dummy predictions for the windows ``result`` left pending."""
+    return await commit(store, result.first_window, result.windows, session_id=session_id, ttl_seconds=ttl_seconds)
 
 
 def windows_for(length: int, window: int, hop: int) -> int:
@@ -93,6 +139,24 @@ def windows_for(length: int, window: int, hop: int) -> int:
 
 def one_sample_each(layout: StreamLayout = LAYOUT, count: int = 1, start: int = 0) -> dict[str, bytes]:
     return samples(layout, dict.fromkeys(layout.modalities, count), dict.fromkeys(layout.modalities, start))
+
+
+def check_pending_spans(layout: StreamLayout, first: int, count: int, spans: dict[str, bytes] | None) -> None:
+    """``spans`` hold exactly the samples of windows ``first .. first+count-1``, window by window."""
+    if not count:
+        assert not spans
+        return
+    assert spans is not None
+    assert set(spans) == set(layout.modalities)
+    for i, name in enumerate(layout.modalities):
+        span = np.frombuffer(spans[name], dtype="<f4").reshape(-1, layout.channels[i])
+        start = first * layout.hop[i]
+        stop = (first + count - 1) * layout.hop[i] + layout.window[i]
+        np.testing.assert_array_equal(span, ramp(layout, i, start, stop - start))
+        for k in range(count):  # and each window within the span is the window the index names
+            offset = k * layout.hop[i]
+            window = span[offset : offset + layout.window[i]]
+            np.testing.assert_array_equal(window, ramp(layout, i, (first + k) * layout.hop[i], layout.window[i]))
 
 
 # --- seq -------------------------------------------------------------------------------------
@@ -107,7 +171,9 @@ def test_append_seq_zero_creates_session(make_store: StoreFactory) -> None:
         assert result.model == MODEL
         assert result.layout == LAYOUT
         assert result.received == dict.fromkeys(LAYOUT.modalities, 3)
-        assert result.windows == 0
+        assert result.buffered == dict.fromkeys(LAYOUT.modalities, 3)
+        assert (result.first_window, result.windows) == (0, 0)
+        assert not result.spans
         snapshot = await store.get("s1")
         assert snapshot is not None
         assert snapshot.seq == 0
@@ -137,20 +203,23 @@ def test_append_repeated_last_seq_is_duplicate_and_appends_nothing(make_store: S
     async def scenario(store: SessionStore) -> None:
         await append(store, 0, one_sample_each(count=3))
         first = await append(store, 1, one_sample_each(count=3, start=3))
-        assert first.windows == 2  # 6 samples: windows at 0 and 2
+        assert (first.first_window, first.windows) == (0, 2)  # 6 samples: windows at 0 and 2
+        committed = await commit_pending(store, first)
+        assert committed.recorded == [0, 1]
         again = await append(store, 1, one_sample_each(count=3, start=3))
         assert again.duplicate
         assert again.seq == 1
-        assert again.windows == 0
+        assert (again.first_window, again.windows) == (2, 0)  # both windows are committed
         assert not again.spans
         assert again.received == first.received == dict.fromkeys(LAYOUT.modalities, 6)
-        assert again.buffered == first.buffered
+        assert again.buffered == committed.buffered == dict.fromkeys(LAYOUT.modalities, 2)
         snapshot = await store.get("s1")
         assert snapshot is not None
         assert (snapshot.seq, snapshot.windows, snapshot.received) == (1, 2, first.received)
         # The stream goes on from where it was: the duplicate added nothing.
         after = await append(store, 2, one_sample_each(count=2, start=6))
         assert (after.first_window, after.windows) == (2, 1)
+        check_pending_spans(LAYOUT, after.first_window, after.windows, after.spans)
 
     run(make_store, scenario)
 
@@ -171,62 +240,84 @@ def test_append_out_of_order_seq_conflicts_with_next(make_store: StoreFactory, s
     run(make_store, scenario)
 
 
-# --- windows ---------------------------------------------------------------------------------
+# --- pending windows -------------------------------------------------------------------------
+
+
+def test_append_returns_uncommitted_windows_again(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        first = await append(store, 0, one_sample_each(count=6))
+        assert (first.duplicate, first.first_window, first.windows) == (False, 0, 2)
+        check_pending_spans(LAYOUT, 0, 2, first.spans)
+        # Not committed (say, classifying failed): the client's retry gets the same windows.
+        retry = await append(store, 0, one_sample_each(count=6))
+        assert retry.duplicate
+        assert (retry.first_window, retry.windows, retry.spans) == (first.first_window, first.windows, first.spans)
+        assert retry.received == retry.buffered == dict.fromkeys(LAYOUT.modalities, 6)
+        # The next chunk: still from window 0, now with the windows it completes as well.
+        more = await append(store, 1, one_sample_each(count=3, start=6))
+        assert not more.duplicate
+        assert (more.first_window, more.windows) == (0, 3)
+        check_pending_spans(LAYOUT, 0, 3, more.spans)
+        assert more.buffered == dict.fromkeys(LAYOUT.modalities, 9)  # nothing dropped before a commit
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert (snapshot.windows, snapshot.predictions) == (0, [])
+        committed = await commit_pending(store, more)
+        assert committed.recorded == [0, 1, 2]
+        assert committed.buffered == dict.fromkeys(LAYOUT.modalities, 3)  # from window 3's start, sample 6
+        done = await append(store, 1, one_sample_each(count=3, start=6))
+        assert done.duplicate
+        assert (done.first_window, done.windows) == (3, 0)
+        assert not done.spans
+
+    run(make_store, scenario)
 
 
 def stream(
     store: SessionStore, layout: StreamLayout, plan: list[dict[str, int]]
-) -> Awaitable[tuple[list[tuple[int, int, dict[str, bytes]]], list[dict[str, int]], dict[str, int]]]:
-    """Append ``plan`` (samples per modality per chunk); returns claims, buffered counts and totals sent."""
+) -> Awaitable[tuple[list[int], list[dict[str, int]], dict[str, int]]]:
+    """Append ``plan`` (samples per modality per chunk), committing the pending windows after each append.
 
-    async def go() -> tuple[list[tuple[int, int, dict[str, bytes]]], list[dict[str, int]], dict[str, int]]:
+    Checks every pending span against the ramps; returns the committed window indices in
+    commit order, the samples buffered after each commit and the totals sent.
+    """
+
+    async def go() -> tuple[list[int], list[dict[str, int]], dict[str, int]]:
         sent = dict.fromkeys(layout.modalities, 0)
-        claims, buffered = [], []
-        claimed = 0
+        offset = dict.fromkeys(layout.modalities, 0)  # samples dropped so far, per modality
+        committed: list[int] = []
+        buffered_after: list[dict[str, int]] = []
         for seq, counts in enumerate(plan):
             chunk = samples(layout, {name: n for name, n in counts.items() if n}, sent)
             result = await append(store, seq, chunk, layout=layout)
             for name, n in counts.items():
                 sent[name] += n
+            assert not result.duplicate
             assert result.received == sent
+            assert result.buffered == {name: sent[name] - offset[name] for name in sent}
             ready = min(
                 windows_for(sent[name], layout.window[i], layout.hop[i]) for i, name in enumerate(layout.modalities)
             )
-            assert result.first_window == claimed, "windows are claimed in order, from the first unclaimed one"
-            assert result.windows == ready - claimed, f"chunk {seq} completes {ready - claimed} windows"
-            if result.windows:
-                claims.append((result.first_window, result.windows, dict(result.spans or {})))
-            claimed = ready
-            # Trimmed: only samples from the next window's start on are kept.
-            expected_buffered = {
-                name: sent[name] - min(claimed * layout.hop[i], sent[name]) for i, name in enumerate(layout.modalities)
-            }
-            assert result.buffered == expected_buffered
-            buffered.append(result.buffered)
-        return claims, buffered, sent
+            assert result.first_window == len(committed), "pending windows start at the first uncommitted one"
+            assert result.windows == ready - len(committed), f"chunk {seq} completes {ready - len(committed)} windows"
+            check_pending_spans(layout, result.first_window, result.windows, result.spans)
+            if not result.windows:
+                continue
+            done = await commit_pending(store, result)
+            expected = list(range(result.first_window, result.first_window + result.windows))
+            assert done.recorded == expected
+            committed += done.recorded
+            # Only samples from the next window's start on are kept.
+            offset = {name: min(ready * layout.hop[i], sent[name]) for i, name in enumerate(layout.modalities)}
+            assert done.buffered == {name: sent[name] - offset[name] for name in sent}
+            buffered_after.append(done.buffered)
+        return committed, buffered_after, sent
 
     return go()
 
 
-def check_spans(layout: StreamLayout, claims: list[tuple[int, int, dict[str, bytes]]], total: int) -> None:
-    """Every window 0..total-1 claimed exactly once; each span holds exactly its windows' samples."""
-    indices = [first + k for first, count, _ in claims for k in range(count)]
-    assert indices == list(range(total))
-    for first, count, spans in claims:
-        assert set(spans) == set(layout.modalities)
-        for i, name in enumerate(layout.modalities):
-            span = np.frombuffer(spans[name], dtype="<f4").reshape(-1, layout.channels[i])
-            start = first * layout.hop[i]
-            stop = (first + count - 1) * layout.hop[i] + layout.window[i]
-            np.testing.assert_array_equal(span, ramp(layout, i, start, stop - start))
-            for k in range(count):  # and each window within the span is the window the index names
-                offset = k * layout.hop[i]
-                window = span[offset : offset + layout.window[i]]
-                np.testing.assert_array_equal(window, ramp(layout, i, (first + k) * layout.hop[i], layout.window[i]))
-
-
 @pytest.mark.parametrize("length", [3, 4, 5, 6, 21, 40])
-def test_append_claims_each_window_once_with_its_samples(make_store: StoreFactory, length: int) -> None:
+def test_each_window_committed_once_with_its_samples(make_store: StoreFactory, length: int) -> None:
     sizes = itertools.cycle([1, 3, 7, 2, 5, 11])
     plan, sent = [], 0
     while sent < length:
@@ -235,19 +326,21 @@ def test_append_claims_each_window_once_with_its_samples(make_store: StoreFactor
         sent += n
 
     async def scenario(store: SessionStore) -> None:
-        claims, _, totals = await stream(store, LAYOUT, plan)
+        committed, buffered, totals = await stream(store, LAYOUT, plan)
         assert totals == dict.fromkeys(LAYOUT.modalities, length)
-        total = windows_for(length, 4, 2)
-        assert total == (length - 4) // 2 + 1 if length >= 4 else total == 0
-        check_spans(LAYOUT, claims, total)
+        total = (length - 4) // 2 + 1 if length >= 4 else 0
+        assert committed == list(range(total))  # each window exactly once, in order
+        # After a commit, less than one window's samples are left.
+        assert all(n < 4 for counts in buffered for n in counts.values())
         snapshot = await store.get("s1")
         assert snapshot is not None
         assert snapshot.windows == total
+        assert snapshot.predictions == [prediction(w) for w in range(total)]
 
     run(make_store, scenario)
 
 
-def test_append_claims_windows_once_when_modalities_arrive_unevenly(make_store: StoreFactory) -> None:
+def test_each_window_committed_once_when_modalities_arrive_unevenly(make_store: StoreFactory) -> None:
     # Each modality has its own chunk sizes (sometimes none at all); windows wait for the slowest.
     fast = itertools.cycle([5, 0, 3, 9, 1, 4])
     slow = itertools.cycle([0, 4, 1, 2, 6, 0, 3])
@@ -259,33 +352,160 @@ def test_append_claims_windows_once_when_modalities_arrive_unevenly(make_store: 
     plan.append({"fast": 60 - sent["fast"], "slow": 30 - sent["slow"]})
 
     async def scenario(store: SessionStore) -> None:
-        claims, buffered, totals = await stream(store, TWO_RATES, plan)
+        committed, buffered, totals = await stream(store, TWO_RATES, plan)
         assert totals == {"fast": 60, "slow": 30}
         total = windows_for(60, 4, 2)
         assert total == windows_for(30, 2, 1) == 29
-        check_spans(TWO_RATES, claims, total)
+        assert committed == list(range(total))
         assert buffered[-1] == {"fast": 2, "slow": 1}  # all that the next window would reuse
 
     run(make_store, scenario)
 
 
-def test_append_keeps_buffers_trimmed_over_long_stream(make_store: StoreFactory) -> None:
+def test_commit_keeps_buffers_trimmed_over_long_stream(make_store: StoreFactory) -> None:
     sizes = itertools.cycle([3, 1, 5, 2])
     plan = [dict.fromkeys(LAYOUT.modalities, next(sizes)) for _ in range(80)]  # 220 samples, far past max_buffer
 
     async def scenario(store: SessionStore) -> None:
-        claims, buffered, totals = await stream(store, LAYOUT, plan)
-        check_spans(LAYOUT, claims, windows_for(totals["a"], 4, 2))
-        assert max(b for counts in buffered for b in counts.values()) <= 4 + 2
+        committed, buffered, totals = await stream(store, LAYOUT, plan)
+        assert totals == dict.fromkeys(LAYOUT.modalities, 220)
+        assert committed == list(range(windows_for(220, 4, 2)))
+        assert max(n for counts in buffered for n in counts.values()) < 4
         snapshot = await store.get("s1")
         assert snapshot is not None
-        assert all(b <= 4 + 2 for b in snapshot.buffered.values())
+        assert all(n < 4 for n in snapshot.buffered.values())
         assert snapshot.received == totals
+        assert snapshot.windows == len(committed)
+        assert len(snapshot.predictions) == KEEP
+        assert snapshot.predictions[-1] == prediction(len(committed) - 1)
 
     run(make_store, scenario)
 
 
-# --- rejected chunks -------------------------------------------------------------------------
+# --- commit ----------------------------------------------------------------------------------
+
+
+def test_commit_records_each_window_only_once(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        pending = await append(store, 0, one_sample_each(count=6))
+        assert (pending.first_window, pending.windows) == (0, 2)
+        first = await commit(store, 0, 2, tag="-A")
+        assert first.recorded == [0, 1]
+        assert first.buffered == dict.fromkeys(LAYOUT.modalities, 2)
+        # Another process classified the same windows: its commit records nothing.
+        second = await commit(store, 0, 2, tag="-B")
+        assert second.recorded == []
+        assert second.buffered == first.buffered
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.windows == 2
+        assert snapshot.predictions == [prediction(0, "-A"), prediction(1, "-A")]
+        # A stale pending list overlapping new windows records only the new ones.
+        more = await append(store, 1, one_sample_each(count=4, start=6))
+        assert (more.first_window, more.windows) == (2, 2)
+        overlap = await commit(store, 0, 4, tag="-B")
+        assert overlap.recorded == [2, 3]
+        assert overlap.buffered == dict.fromkeys(LAYOUT.modalities, 2)
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.windows == 4
+        assert snapshot.predictions == [prediction(w, "-A") for w in (0, 1)] + [prediction(w, "-B") for w in (2, 3)]
+
+    run(make_store, scenario)
+
+
+def test_commit_out_of_order_advances_only_when_contiguous(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        pending = await append(store, 0, one_sample_each(count=10))
+        assert (pending.first_window, pending.windows) == (0, 4)
+        later = await commit(store, 2, 2)
+        assert later.recorded == [2, 3]
+        assert later.buffered == dict.fromkeys(LAYOUT.modalities, 10)  # windows 0 and 1 still need everything
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.windows == 0
+        assert snapshot.predictions == [prediction(2), prediction(3)]
+        # Windows 0 and 1 are still pending (and, from the first one, so are 2 and 3).
+        retry = await append(store, 0, one_sample_each(count=10))
+        assert retry.duplicate
+        assert (retry.first_window, retry.windows) == (0, 4)
+        check_pending_spans(LAYOUT, 0, 4, retry.spans)
+        earlier = await commit(store, 0, 2)
+        assert earlier.recorded == [0, 1]
+        assert earlier.buffered == dict.fromkeys(LAYOUT.modalities, 2)  # from window 4's start, sample 8
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.windows == 4
+        assert snapshot.predictions == [prediction(w) for w in range(4)]
+        # Committing the whole pending list now records nothing.
+        assert (await commit_pending(store, retry)).recorded == []
+
+    run(make_store, scenario)
+
+
+def test_commit_keeps_newest_predictions_in_window_order(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        pending = await append(store, 0, one_sample_each(count=20))
+        assert (pending.first_window, pending.windows) == (0, 9)
+        await commit(store, 0, 4, keep=4)
+        await commit(store, 6, 1, keep=4)  # out of order: window 6 before 4 and 5
+        await commit(store, 4, 2, keep=4)
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.predictions == [prediction(w) for w in (3, 4, 5, 6)]
+        assert snapshot.windows == 7
+        await commit(store, 7, 1, keep=2)
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.predictions == [prediction(6), prediction(7)]
+        assert snapshot.windows == 8
+
+    run(make_store, scenario)
+
+
+def test_commit_does_not_record_committed_windows_after_trimming(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(count=10))
+        assert (await commit(store, 0, 4, keep=2)).recorded == [0, 1, 2, 3]
+        # A slower process commits the windows it classified from the same pending list.
+        late = await commit(store, 0, 2, keep=2, tag="-late")
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert (late.recorded, snapshot.windows, snapshot.predictions) == ([], 4, [prediction(2), prediction(3)])
+
+    run(make_store, scenario)
+
+
+def test_commit_out_of_order_with_small_keep_still_advances(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(count=10))
+        assert (await commit(store, 2, 2, keep=1)).recorded == [2, 3]
+        assert (await commit(store, 0, 2, keep=1)).recorded == [0, 1]
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert snapshot.windows == 4
+        retry = await append(store, 0, one_sample_each(count=10))
+        assert (retry.first_window, retry.windows) == (4, 0)
+
+    run(make_store, scenario)
+
+
+@pytest.mark.parametrize("how", ["never started", "deleted"])
+def test_commit_for_missing_session_records_nothing(make_store: StoreFactory, how: str) -> None:
+    async def scenario(store: SessionStore) -> None:
+        if how == "deleted":
+            pending = await append(store, 0, one_sample_each(count=6))
+            assert pending.windows == 2
+            assert await store.delete("s1") is True
+        result = await commit(store, 0, 2)
+        assert (result.recorded, result.buffered) == ([], {})
+        assert await store.get("s1") is None
+        assert await store.active_sessions(now=time.time(), ttl_seconds=TTL) == 0
+
+    run(make_store, scenario)
+
+
+# --- refused chunks --------------------------------------------------------------------------
 
 
 def test_append_unknown_modality_raises_mismatch_and_appends_nothing(make_store: StoreFactory) -> None:
@@ -305,7 +525,8 @@ def test_append_unknown_modality_raises_mismatch_and_appends_nothing(make_store:
         # The rejected seq is still the next one.
         result = await append(store, 1, samples(layout, {"a": 1, "b": 1}, {"a": 3, "b": 3}), layout=layout)
         assert result.received == {"a": 4, "b": 4}
-        assert result.windows == 1
+        assert (result.first_window, result.windows) == (0, 1)
+        check_pending_spans(layout, 0, 1, result.spans)
 
     run(make_store, scenario)
 
@@ -325,47 +546,74 @@ def test_append_past_max_buffer_raises_overflow_and_appends_nothing(make_store: 
         assert snapshot.seq == 1
         assert snapshot.received == {"a": 10, "b": 2}  # not even "b" was appended
         assert snapshot.buffered == {"a": 10, "b": 2}
-        # Catching up with "b" alone is accepted, completes windows and trims "a".
+        # Catching up with "b" alone is accepted and completes windows; committing them trims "a".
         result = await append(store, 2, samples(layout, {"b": 8}, {"b": 2}), layout=layout)
         assert (result.first_window, result.windows) == (0, 4)
-        assert result.buffered == {"a": 2, "b": 2}
+        assert result.buffered == {"a": 10, "b": 10}
+        check_pending_spans(layout, 0, 4, result.spans)
+        committed = await commit_pending(store, result)
+        assert committed.recorded == [0, 1, 2, 3]
+        assert committed.buffered == {"a": 2, "b": 2}
+        # Room again: "a" may run ahead by another max_buffer.
+        ahead = await append(store, 3, samples(layout, {"a": 8}, {"a": 10}), layout=layout)
+        assert ahead.buffered == {"a": 10, "b": 2}
 
     run(make_store, scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a first chunk refused with BufferOverflow still creates the session (seq -1); "
-    "in Redis its meta key has no TTL and never expires (app/store/append.lua, app/store/memory.py)",
-)
-def test_append_first_chunk_past_max_buffer_creates_no_session(make_store: StoreFactory) -> None:
-    layout = StreamLayout(modalities=("a",), channels=(1,), window=(4,), hop=(2,), max_buffer=(10,))
+REFUSED_FIRST_CHUNKS = {
+    "seq conflict": (1, samples(SMALL, {"a": 4}, {"a": 0}), SeqConflict),
+    "overflow": (0, samples(SMALL, {"a": 11}, {"a": 0}), BufferOverflow),
+    "modality mismatch": (
+        0,
+        {**samples(SMALL, {"a": 4}, {"a": 0}), "z": np.zeros(4, "<f4").tobytes()},
+        ModalityMismatch,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_FIRST_CHUNKS))
+def test_refused_first_chunk_creates_no_session(make_store: StoreFactory, kind: str) -> None:
+    seq, chunk, error = REFUSED_FIRST_CHUNKS[kind]
 
     async def scenario(store: SessionStore) -> None:
-        with pytest.raises(BufferOverflow):
-            await append(store, 0, samples(layout, {"a": 11}, {"a": 0}), layout=layout)
+        with pytest.raises(error):
+            await append(store, seq, chunk, layout=SMALL)
         assert await store.get("s1") is None
+        # Nothing was started: a valid seq 0 starts the session afresh.
+        result = await append(store, 0, samples(SMALL, {"a": 5}, {"a": 0}), layout=SMALL)
+        assert not result.duplicate
+        assert (result.seq, result.received, result.first_window, result.windows) == (0, {"a": 5}, 0, 1)
 
     run(make_store, scenario)
 
 
-# --- predictions, lifecycle ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", list(REFUSED_FIRST_CHUNKS))
+def test_redis_refused_first_chunk_writes_no_session_key(redis_target: RedisTarget, kind: str) -> None:
+    seq, chunk, error = REFUSED_FIRST_CHUNKS[kind]
 
-
-def test_record_keeps_newest_predictions_in_window_order(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=20))
-        await store.record("s1", [{"window": w, "activity": f"a{w}"} for w in (0, 1, 2, 3)], keep=4, ttl_seconds=TTL)
-        await store.record("s1", [{"window": w, "activity": f"a{w}"} for w in (6, 4, 5)], keep=4, ttl_seconds=TTL)
-        snapshot = await store.get("s1")
-        assert snapshot is not None
-        assert snapshot.predictions == [{"window": w, "activity": f"a{w}"} for w in (3, 4, 5, 6)]
-        await store.record("s1", [{"window": 7, "activity": "a7"}], keep=2, ttl_seconds=TTL)
-        snapshot = await store.get("s1")
-        assert snapshot is not None
-        assert [p["window"] for p in snapshot.predictions] == [6, 7]
+        with pytest.raises(error):
+            await append(store, seq, chunk, layout=SMALL)
 
-    run(make_store, scenario)
+    run(redis_store(redis_target), scenario)
+    assert [key for key in redis_target.keys() if key != f"{redis_target.prefix}:sessions"] == []
+
+
+@pytest.mark.parametrize("kind", list(REFUSED_FIRST_CHUNKS))
+def test_redis_refused_first_chunk_writes_no_key_and_counts_no_session(redis_target: RedisTarget, kind: str) -> None:
+    seq, chunk, error = REFUSED_FIRST_CHUNKS[kind]
+
+    async def scenario(store: SessionStore) -> int:
+        with pytest.raises(error):
+            await append(store, seq, chunk, layout=SMALL)
+        return await store.active_sessions(now=time.time(), ttl_seconds=TTL)
+
+    active = run(redis_store(redis_target), scenario)
+    assert (redis_target.keys(), active) == ([], 0)
+
+
+# --- lifecycle -------------------------------------------------------------------------------
 
 
 def test_get_unknown_session_returns_none(make_store: StoreFactory) -> None:
@@ -377,14 +625,18 @@ def test_get_unknown_session_returns_none(make_store: StoreFactory) -> None:
 
 def test_delete_session_then_gone(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=6))
-        await store.record("s1", [{"window": 0}], keep=5, ttl_seconds=TTL)
+        pending = await append(store, 0, one_sample_each(count=6))
+        assert (await commit_pending(store, pending)).recorded == [0, 1]
         assert await store.delete("s1") is True
         assert await store.get("s1") is None
         assert await store.delete("s1") is False
-        # The id may start a new session afterwards, from seq 0.
-        result = await append(store, 0, one_sample_each(count=1))
-        assert result.received == dict.fromkeys(LAYOUT.modalities, 1)
+        # The id may start a new session afterwards, from seq 0, with no windows committed.
+        result = await append(store, 0, one_sample_each(count=4))
+        assert result.received == dict.fromkeys(LAYOUT.modalities, 4)
+        assert (result.first_window, result.windows) == (0, 1)
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert (snapshot.windows, snapshot.predictions) == (0, [])
 
     run(make_store, scenario)
 
@@ -404,8 +656,8 @@ def test_active_sessions_counts_live_sessions(make_store: StoreFactory) -> None:
 
 def test_session_expires_after_ttl(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=6), ttl_seconds=1)
-        await store.record("s1", [{"window": 0}], keep=5, ttl_seconds=1)
+        pending = await append(store, 0, one_sample_each(count=6), ttl_seconds=1)
+        assert (await commit_pending(store, pending, ttl_seconds=1)).recorded == [0, 1]
         await append(store, 0, one_sample_each(), session_id="s2", ttl_seconds=1)
         assert await store.get("s1") is not None
         assert await store.active_sessions(now=time.time(), ttl_seconds=1) == 2
@@ -413,6 +665,10 @@ def test_session_expires_after_ttl(make_store: StoreFactory) -> None:
         assert await store.get("s1") is None
         assert await store.get("s2") is None
         assert await store.active_sessions(now=time.time(), ttl_seconds=1) == 0
+        # A commit for the expired session records nothing and brings nothing back.
+        late = await commit(store, 2, 1, ttl_seconds=1)
+        assert (late.recorded, late.buffered) == ([], {})
+        assert await store.get("s1") is None
         # An expired id starts afresh: only seq 0 is accepted.
         with pytest.raises(SeqConflict) as raised:
             await append(store, 1, one_sample_each(start=6), ttl_seconds=1)
@@ -428,10 +684,10 @@ def test_redis_session_keys_share_hash_tag_and_expire(redis_target: RedisTarget)
     async def scenario(store: SessionStore) -> None:
         for session_id in ("alpha", "beta.2:x"):
             await append(store, 0, one_sample_each(count=5), session_id=session_id)
-            await append(store, 1, one_sample_each(count=1, start=5), session_id=session_id)
-            await store.record(session_id, [{"window": 0}, {"window": 1}], keep=5, ttl_seconds=TTL)
+            pending = await append(store, 1, one_sample_each(count=1, start=5), session_id=session_id)
+            assert (await commit_pending(store, pending, session_id=session_id)).recorded == [0, 1]
 
-    run(lambda: RedisStore(redis_target.url, prefix=redis_target.prefix), scenario)
+    run(redis_store(redis_target), scenario)
     index = f"{redis_target.prefix}:sessions"
     keys = [key for key in redis_target.keys() if key != index]
     by_session = {
@@ -447,20 +703,26 @@ def test_redis_session_keys_share_hash_tag_and_expire(redis_target: RedisTarget)
             assert 0 < ttl <= TTL * 1000, f"{key} has TTL {ttl} ms"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: append.lua writes the new session's meta hash before the overflow check and returns "
-    "without PEXPIRE, so a refused first chunk leaves a key that never expires",
-)
-def test_redis_refused_first_chunk_leaves_no_key_without_ttl(redis_target: RedisTarget) -> None:
-    layout = StreamLayout(modalities=("a",), channels=(1,), window=(4,), hop=(2,), max_buffer=(10,))
-
+def test_redis_commit_equal_predictions_of_different_windows(redis_target: RedisTarget) -> None:
     async def scenario(store: SessionStore) -> None:
-        with pytest.raises(BufferOverflow):
-            await append(store, 0, samples(layout, {"a": 11}, {"a": 0}), layout=layout)
+        pending = await append(store, 0, one_sample_each(count=8))
+        assert (pending.first_window, pending.windows) == (0, 3)
+        same = {"activity": "rest"}
+        committed = await store.commit("s1", 0, [same, same, same], keep=KEEP, ttl_seconds=TTL)
+        assert committed.recorded == [0, 1, 2]
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert (snapshot.windows, snapshot.predictions) == (3, [same, same, same])
 
-    run(lambda: RedisStore(redis_target.url, prefix=redis_target.prefix), scenario)
-    with redis_target.client() as client:
-        index = f"{redis_target.prefix}:sessions"
-        no_ttl = [key for key in redis_target.keys() if key != index and client.pttl(key) < 0]
-    assert no_ttl == []
+    run(redis_store(redis_target), scenario)
+
+
+def test_redis_commit_for_missing_session_writes_no_key(redis_target: RedisTarget) -> None:
+    async def scenario(store: SessionStore) -> None:
+        pending = await append(store, 0, one_sample_each(count=6))
+        assert await store.delete("s1") is True
+        assert (await commit_pending(store, pending)).recorded == []
+        assert (await commit(store, 0, 1, session_id="never-started")).recorded == []
+
+    run(redis_store(redis_target), scenario)
+    assert redis_target.keys() == []

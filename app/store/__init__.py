@@ -3,6 +3,7 @@
 from app.store.base import (
     AppendResult,
     BufferOverflow,
+    CommitResult,
     ModalityMismatch,
     SeqConflict,
     SessionSnapshot,
@@ -14,6 +15,7 @@ from app.store.base import (
 __all__ = [
     "AppendResult",
     "BufferOverflow",
+    "CommitResult",
     "ModalityMismatch",
     "SeqConflict",
     "SessionSnapshot",

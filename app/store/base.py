@@ -1,10 +1,14 @@
 """The contract every session store keeps, whatever holds the data.
 
 A session has one stream per modality. ``append`` checks the chunk's ``seq``, appends
-raw float32 samples, hands back the samples of every window that became complete
-(claiming them, so that of several API processes exactly one classifies each window),
-trims what no future window needs and refreshes the session's expiry, all in one
-atomic step. Windows start every ``hop`` samples and span ``window`` samples.
+raw float32 samples and hands back the samples of every complete window not yet
+committed, in one atomic step. The caller classifies them and ``commit``s the
+predictions, which records each window once (whichever API process gets there first),
+moves the session past them and drops the samples no window still needs. A window
+whose classification failed (overload, outage) stays pending, so the client's retry of
+the same chunk gets it again: nothing is lost between the two steps. Windows start
+every ``hop`` samples and span ``window`` samples; every write refreshes the session's
+expiry.
 """
 
 from __future__ import annotations
@@ -72,9 +76,15 @@ class AppendResult:
     started: float  # server time (epoch seconds) of the session's first chunk
     received: dict[str, int]  # samples per modality since the session began
     buffered: dict[str, int]  # samples still held
-    first_window: int = 0  # index of the first claimed window
-    windows: int = 0  # claimed windows
-    spans: dict[str, bytes] | None = None  # float32 samples covering the claimed windows
+    first_window: int = 0  # index of the first pending window
+    windows: int = 0  # pending windows: complete, not committed
+    spans: dict[str, bytes] | None = None  # float32 samples covering the pending windows
+
+
+@dataclass
+class CommitResult:
+    recorded: list[int]  # windows whose predictions this commit recorded
+    buffered: dict[str, int]  # samples still held afterwards
 
 
 @dataclass
@@ -84,7 +94,7 @@ class SessionSnapshot:
     layout: StreamLayout
     started: float
     updated: float
-    windows: int  # windows claimed so far
+    windows: int  # windows committed so far
     received: dict[str, int]
     buffered: dict[str, int]
     predictions: list[dict]  # newest last
@@ -106,13 +116,17 @@ class SessionStore(abc.ABC):
         """Append ``chunk`` (raw float32 per modality) at ``seq``; ``layout``/``model`` apply to a new session.
 
         Raises ``SeqConflict`` for a gap or an older seq, ``ModalityMismatch`` for a
-        modality the session does not stream, ``BufferOverflow`` past ``max_buffer``.
-        A repeat of the last seq returns ``duplicate=True`` and changes nothing.
+        modality the session does not stream, ``BufferOverflow`` past ``max_buffer``;
+        then nothing is written, not even a new session. A repeat of the last seq
+        returns ``duplicate=True``, appends nothing, and still returns pending windows.
         """
 
     @abc.abstractmethod
-    async def record(self, session_id: str, predictions: list[dict], *, keep: int, ttl_seconds: int) -> None:
-        """Keep ``predictions`` (each with a ``window`` index), at most ``keep`` newest per session."""
+    async def commit(
+        self, session_id: str, first_window: int, predictions: list[dict], *, keep: int, ttl_seconds: int
+    ) -> CommitResult:
+        """Record the predictions of windows ``first_window, first_window + 1, ...`` that are not recorded
+        yet (keeping the ``keep`` newest); an expired session records nothing."""
 
     @abc.abstractmethod
     async def get(self, session_id: str) -> SessionSnapshot | None: ...

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from app.store.base import (
     AppendResult,
     BufferOverflow,
+    CommitResult,
     ModalityMismatch,
     SeqConflict,
     SessionSnapshot,
@@ -71,49 +72,52 @@ class MemoryStore(SessionStore):
                     offset=[0] * count,
                     buffers=[bytearray() for _ in range(count)],
                 )
+            duplicate = seq == session.seq
+            if not duplicate:
+                self._append(session, seq, chunk)  # raises before changing anything
+                session.updated = now
                 self._sessions[session_id] = session
             session.expires = now + ttl_seconds
-            layout = session.layout
-            if seq == session.seq:
-                return self._result(session, duplicate=True)
-            if seq != session.seq + 1:
-                raise SeqConflict(session.seq + 1)
-            unknown = set(chunk) - set(layout.modalities)
-            if unknown:
-                raise ModalityMismatch(list(layout.modalities), session.model)
-            added = [
-                len(chunk.get(name, b"")) // layout.bytes_per_sample(i) for i, name in enumerate(layout.modalities)
-            ]
-            for i, name in enumerate(layout.modalities):
-                if session.received[i] + added[i] - session.offset[i] > layout.max_buffer[i]:
-                    raise BufferOverflow(name)
-            for i, name in enumerate(layout.modalities):
-                session.buffers[i] += chunk.get(name, b"")
-                session.received[i] += added[i]
-            session.seq = seq
-            session.updated = now
-            return self._claim(session)
+            return self._pending(session, duplicate=duplicate)
 
-    def _claim(self, session: _Session) -> AppendResult:
+    @staticmethod
+    def _append(session: _Session, seq: int, chunk: dict[str, bytes]) -> None:
         layout = session.layout
-        ready = min(
+        if seq != session.seq + 1:
+            raise SeqConflict(session.seq + 1)
+        if set(chunk) - set(layout.modalities):
+            raise ModalityMismatch(list(layout.modalities), session.model)
+        added = [len(chunk.get(name, b"")) // layout.bytes_per_sample(i) for i, name in enumerate(layout.modalities)]
+        for i, name in enumerate(layout.modalities):
+            if session.received[i] + added[i] - session.offset[i] > layout.max_buffer[i]:
+                raise BufferOverflow(name)
+        for i, name in enumerate(layout.modalities):
+            session.buffers[i] += chunk.get(name, b"")
+            session.received[i] += added[i]
+        session.seq = seq
+
+    @staticmethod
+    def _complete_windows(session: _Session) -> int:
+        """Windows that every modality covers completely."""
+        layout = session.layout
+        return min(
             (received - window) // hop + 1 if received >= window else 0
             for received, window, hop in zip(session.received, layout.window, layout.hop, strict=True)
         )
-        first, count = session.next_window, max(0, ready - session.next_window)
+
+    def _pending(self, session: _Session, *, duplicate: bool) -> AppendResult:
+        """The result with the samples of every complete window not committed yet."""
+        layout = session.layout
+        first = session.next_window
+        count = max(0, self._complete_windows(session) - first)
         spans = {}
-        for i, name in enumerate(layout.modalities):
-            size = layout.bytes_per_sample(i)
-            if count:
+        if count:
+            for i, name in enumerate(layout.modalities):
+                size = layout.bytes_per_sample(i)
                 start = first * layout.hop[i] - session.offset[i]
                 stop = (first + count - 1) * layout.hop[i] + layout.window[i] - session.offset[i]
                 spans[name] = bytes(session.buffers[i][start * size : stop * size])
-            # Samples before the next window's start are needed by no future window.
-            keep_from = min((first + count) * layout.hop[i], session.received[i])
-            del session.buffers[i][: (keep_from - session.offset[i]) * size]
-            session.offset[i] = keep_from
-        session.next_window = first + count
-        result = self._result(session, duplicate=False)
+        result = self._result(session, duplicate=duplicate)
         result.first_window, result.windows, result.spans = first, count, spans
         return result
 
@@ -129,16 +133,34 @@ class MemoryStore(SessionStore):
             buffered={name: r - o for name, r, o in zip(names, session.received, session.offset, strict=True)},
         )
 
-    async def record(self, session_id: str, predictions: list[dict], *, keep: int, ttl_seconds: int) -> None:
+    async def commit(
+        self, session_id: str, first_window: int, predictions: list[dict], *, keep: int, ttl_seconds: int
+    ) -> CommitResult:
         async with self._lock:
             session = self._live(session_id)
             if session is None:
-                return
-            for prediction in predictions:
-                session.predictions[prediction["window"]] = prediction
-            for window in sorted(session.predictions)[:-keep]:
+                return CommitResult(recorded=[], buffered={})
+            ready = self._complete_windows(session)
+            recorded = []
+            for window, prediction in enumerate(predictions, start=first_window):
+                # Recorded once: never below the next uncommitted window, never twice, never incomplete.
+                if session.next_window <= window < ready and window not in session.predictions:
+                    session.predictions[window] = prediction
+                    recorded.append(window)
+            while session.next_window in session.predictions:
+                session.next_window += 1
+            layout = session.layout
+            for i in range(len(layout.modalities)):
+                # Samples before the next window's start are needed by no future window.
+                keep_from = min(session.next_window * layout.hop[i], session.received[i])
+                if keep_from > session.offset[i]:
+                    del session.buffers[i][: (keep_from - session.offset[i]) * layout.bytes_per_sample(i)]
+                    session.offset[i] = keep_from
+            # Keep the newest committed predictions, and any recorded ahead of a gap.
+            for window in [w for w in session.predictions if w < session.next_window - keep]:
                 del session.predictions[window]
             session.expires = time.time() + ttl_seconds
+            return CommitResult(recorded=recorded, buffered=self._result(session, duplicate=False).buffered)
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
         async with self._lock:

@@ -1,4 +1,4 @@
-"""Sessions in Redis: one Lua script appends, claims windows, trims and refreshes TTLs atomically.
+"""Sessions in Redis: Lua scripts append and commit atomically, with Redis key TTLs for expiry.
 
 Keys of a session share the hash tag ``{<session>}`` so the script may touch all of
 them on a Redis Cluster too: ``<prefix>:{<id>}:meta`` (seq, layout, counters),
@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.store.base import (
     AppendResult,
     BufferOverflow,
+    CommitResult,
     ModalityMismatch,
     SeqConflict,
     SessionSnapshot,
@@ -27,7 +28,10 @@ from app.store.base import (
     StreamLayout,
 )
 
-APPEND_SCRIPT = (Path(__file__).parent / "append.lua").read_text()
+SCRIPTS = Path(__file__).parent
+# Each script is sent with the shared window arithmetic in front of it.
+APPEND_SCRIPT = (SCRIPTS / "windows.lua").read_text() + (SCRIPTS / "append.lua").read_text()
+COMMIT_SCRIPT = (SCRIPTS / "windows.lua").read_text() + (SCRIPTS / "commit.lua").read_text()
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -37,6 +41,7 @@ class RedisStore(SessionStore):
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
         self._prefix = prefix
         self._append = self._redis.register_script(APPEND_SCRIPT)
+        self._commit = self._redis.register_script(COMMIT_SCRIPT)
 
     def _keys(self, session_id: str) -> tuple[str, str, str]:
         tag = f"{self._prefix}:{{{session_id}}}"
@@ -62,10 +67,6 @@ class RedisStore(SessionStore):
             args += [name, samples]
         try:
             reply = await self._append(keys=list(self._keys(session_id)), args=args)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self._index, {session_id: now})
-                pipe.zremrangebyscore(self._index, "-inf", now - ttl_seconds)
-                await pipe.execute()
         except OUTAGE as error:
             raise StoreUnavailable(str(error)) from error
         status = reply[0].decode()
@@ -86,22 +87,30 @@ class RedisStore(SessionStore):
             received={name: int(r) for name, r in zip(stored.modalities, received, strict=True)},
             buffered={name: int(r - o) for name, r, o in zip(stored.modalities, received, offsets, strict=True)},
         )
-        if status == "ok":
-            result.first_window, result.windows = int(reply[7]), int(reply[8])
-            result.spans = dict(zip(stored.modalities, reply[9:], strict=True)) if result.windows else {}
-        return result
-
-    async def record(self, session_id: str, predictions: list[dict], *, keep: int, ttl_seconds: int) -> None:
-        meta, buffers, key = self._keys(session_id)
+        result.first_window, result.windows = int(reply[7]), int(reply[8])
+        result.spans = dict(zip(stored.modalities, reply[9:], strict=True)) if result.windows else {}
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, {json.dumps(p, separators=(",", ":")): p["window"] for p in predictions})
-                pipe.zremrangebyrank(key, 0, -keep - 1)
-                for name in (meta, buffers, key):
-                    pipe.expire(name, ttl_seconds)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._index, {session_id: now})
+                pipe.zremrangebyscore(self._index, "-inf", now - ttl_seconds)
                 await pipe.execute()
         except OUTAGE as error:
             raise StoreUnavailable(str(error)) from error
+        return result
+
+    async def commit(
+        self, session_id: str, first_window: int, predictions: list[dict], *, keep: int, ttl_seconds: int
+    ) -> CommitResult:
+        args = [ttl_seconds * 1000, keep, first_window, *(json.dumps(p, separators=(",", ":")) for p in predictions)]
+        try:
+            recorded, buffered = await self._commit(keys=list(self._keys(session_id)), args=args)
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        # cjson writes an empty list as {}: "or" turns it back into no windows.
+        return CommitResult(
+            recorded=[int(window) for window in json.loads(recorded) or []],
+            buffered={name: int(count) for name, count in json.loads(buffered).items()},
+        )
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
         meta, _, key = self._keys(session_id)
@@ -126,7 +135,7 @@ class RedisStore(SessionStore):
             windows=int(fields["next_window"]),
             received=received,
             buffered={name: received[name] - int(fields[f"offset:{name}"]) for name in layout.modalities},
-            predictions=[json.loads(member) for member in members],
+            predictions=[json.loads(member.split(b":", 1)[1]) for member in members],
         )
 
     async def delete(self, session_id: str) -> bool:
