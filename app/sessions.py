@@ -108,7 +108,6 @@ class SessionService:
     async def _classify(self, session_id: str, result: AppendResult) -> tuple[list[WindowPrediction], dict[str, int]]:
         """Classify the pending windows and commit them; returns them and the samples still buffered."""
         layout = result.layout
-        assert result.spans is not None
         spans = {
             name: np.frombuffer(result.spans[name], dtype="<f4").reshape(-1, layout.channels[i])
             for i, name in enumerate(layout.modalities)

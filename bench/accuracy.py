@@ -4,7 +4,7 @@ Every model of one (variant, seed) job is trained on the same subject-held-out s
 with the same augmentation, modality dropout, optimiser and epochs, so a margin
 between them is the architecture's. Jobs run in parallel processes, one thread each.
 
-    python bench/accuracy.py --data build/watch.npz --seeds 0 1 2 --jobs 2
+    python bench/accuracy.py --data build/watch.npz --seeds 0 1 2 --jobs 2 [--out bench/results/accuracy.json]
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def run_job(data_path: str, variant: str, seed: int, epochs: int) -> dict[str, A
     }
 
 
+def run_job_args(job: tuple[str, str, int, int]) -> dict[str, Any]:
+    return run_job(*job)
+
+
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for variant in VARIANTS:
@@ -139,12 +143,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/accuracy.json"))
+    parser.add_argument("--summarise", action="store_true", help="only print the table of the runs in --out")
     args = parser.parse_args()
-    jobs = [(args.data, variant, seed, args.epochs) for variant in args.variants for seed in args.seeds]
-    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-        runs = pool.starmap(run_job, jobs)
+    runs_file = args.out.with_suffix(".runs.jsonl")
+    if not args.summarise:
+        # The full recipe over every seed first, then each ablation seed by seed: a run cut
+        # short still has the comparisons that matter most. Each run is saved as it ends.
+        jobs = [(args.data, "full", seed, args.epochs) for seed in args.seeds if "full" in args.variants]
+        jobs += [(args.data, v, seed, args.epochs) for seed in args.seeds for v in args.variants if v != "full"]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        runs_file.write_text("")
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for run in pool.imap_unordered(run_job_args, jobs):
+                with runs_file.open("a") as handle:
+                    handle.write(json.dumps(run) + "\n")
+    runs = [json.loads(line) for line in runs_file.read_text().splitlines()]
     rows = summarise(runs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"epochs": args.epochs, "runs": runs, "summary": rows}, indent=2) + "\n")
     print_table(rows)
 

@@ -33,10 +33,10 @@ from .service_fixtures import (
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 
-# The student must get at least this share of the sampled held-out windows right. The
-# shipped bundles reach about 0.9 (the current placeholders about 0.75); the floor only
-# catches a service that scrambles samples, channels or classes.
-MIN_HELD_OUT_ACCURACY = 0.5
+# The student must get most of the sampled held-out windows right: the shipped bundle
+# scores 0.92 on all 1,319 held-out windows, and a service that scrambled samples,
+# channels or classes would fall far below this floor.
+MIN_HELD_OUT_ACCURACY = 0.8
 HELD_OUT_WINDOWS = 60
 MAX_BODY_BYTES = 1_000_000
 MAX_BATCH_WINDOWS = 8

@@ -14,7 +14,7 @@ expiry.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class StoreUnavailable(Exception):
@@ -78,7 +78,7 @@ class AppendResult:
     buffered: dict[str, int]  # samples still held
     first_window: int = 0  # index of the first pending window
     windows: int = 0  # pending windows: complete, not committed
-    spans: dict[str, bytes] | None = None  # float32 samples covering the pending windows
+    spans: dict[str, bytes] = field(default_factory=dict)  # float32 samples covering the pending windows
 
 
 @dataclass
