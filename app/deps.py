@@ -1,4 +1,8 @@
-"""Dependencies injected into routes, as ``Annotated`` aliases."""
+"""Dependencies injected into routes, as ``Annotated`` aliases.
+
+They are ``async``: FastAPI runs a plain ``def`` dependency in a thread pool, a thread hop
+per request that cost the predict route most of its throughput.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +16,19 @@ from app.settings import Settings
 from app.store import SessionStore
 
 
-def _engine(request: Request) -> InferenceEngine:
+async def _engine(request: Request) -> InferenceEngine:
     return request.app.state.engine
 
 
-def _sessions(request: Request) -> SessionService:
+async def _sessions(request: Request) -> SessionService:
     return request.app.state.sessions
 
 
-def _store(request: Request) -> SessionStore:
+async def _store(request: Request) -> SessionStore:
     return request.app.state.store
 
 
-def _settings(request: Request) -> Settings:
+async def _settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
