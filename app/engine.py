@@ -35,6 +35,8 @@ class InferenceEngine:
     def __init__(self, bundles: dict[str, Bundle], settings: Settings) -> None:
         self.bundles = bundles
         self.settings = settings
+        # Modalities by name, shared by both models; looked up for every chunk and window.
+        self.specs = {spec.name: spec for spec in bundles["student"].modalities}
         self.workers = {
             name: BatchingWorker(
                 bundle,
@@ -70,9 +72,6 @@ class InferenceEngine:
         """The bundle whose modalities and classes both models share."""
         return self.bundles["student"]
 
-    def bundle_for(self, model: str) -> Bundle:
-        return self.bundles["student" if model == "cascade" else model]
-
     def to_window(self, modalities: dict[str, list[list[float]]]) -> dict[str, np.ndarray]:
         """Parsed JSON rows of one window to checked float32 arrays ``(T, C)``."""
         arrays = {name: self.to_samples(name, rows) for name, rows in modalities.items()}
@@ -84,12 +83,11 @@ class InferenceEngine:
 
     def to_samples(self, name: str, rows: list[list[float]]) -> np.ndarray:
         """Rows of one modality, any count, to ``(N, C)``; ragged or empty rows are a 422."""
-        specs = {spec.name: spec for spec in self.reference.modalities}
-        if name not in specs:
-            raise invalid_input(f"unknown modality {name!r}; this model reads " + ", ".join(specs))
+        if name not in self.specs:
+            raise invalid_input(f"unknown modality {name!r}; this model reads " + ", ".join(self.specs))
         if not rows:
             raise invalid_input(f"{name}: no samples")
-        channels = specs[name].channels
+        channels = self.specs[name].channels
         try:
             with np.errstate(over="ignore"):  # out-of-range values are reported below
                 array = np.asarray(rows, dtype=np.float32)

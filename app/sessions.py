@@ -47,17 +47,15 @@ class SessionService:
         )
 
     def layout_for(self, modalities: list[str]) -> StreamLayout:
-        specs = {spec.name: spec for spec in self.engine.reference.modalities}
-        window_seconds = self.engine.reference.window_seconds
-        chosen = [specs[name] for name in specs if name in modalities]  # model order
+        window = self.engine.reference.window_samples
+        chosen = [spec for name, spec in self.engine.specs.items() if name in modalities]  # model order
         return StreamLayout(
             modalities=tuple(spec.name for spec in chosen),
             channels=tuple(spec.channels for spec in chosen),
-            window=tuple(spec.samples(window_seconds) for spec in chosen),
+            window=tuple(window[spec.name] for spec in chosen),
             hop=tuple(max(1, round(self.settings.hop_seconds * spec.sample_rate)) for spec in chosen),
             max_buffer=tuple(
-                spec.samples(window_seconds) + round(self.settings.max_buffer_seconds * spec.sample_rate)
-                for spec in chosen
+                window[spec.name] + round(self.settings.max_buffer_seconds * spec.sample_rate) for spec in chosen
             ),
         )
 

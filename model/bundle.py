@@ -9,6 +9,7 @@ per-module overhead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -97,8 +98,9 @@ class Bundle:
     def window_seconds(self) -> float:
         return self.config.window_seconds
 
-    @property
+    @functools.cached_property
     def window_samples(self) -> dict[str, int]:
+        """Samples per window of each modality; read on every call of ``check_inputs``."""
         return {spec.name: spec.samples(self.window_seconds) for spec in self.modalities}
 
     @property
