@@ -92,7 +92,6 @@ class SessionService:
         if not result.duplicate:
             for name, array in arrays.items():
                 metrics.INGESTED_SAMPLES.labels(modality=name).inc(len(array))
-            await self._update_active_gauge()
         predictions, buffered = await self._classify(session_id, result) if result.windows else ([], result.buffered)
         return SamplesResponse(
             session_id=session_id,
@@ -201,7 +200,6 @@ class SessionService:
             raise self._unavailable(error) from error
         if not deleted:
             raise ApiError(404, "session_not_found", f"no session {session_id!r} (ended or expired)")
-        await self._update_active_gauge()
 
     async def _snapshot(self, session_id: str) -> SessionSnapshot:
         try:
@@ -212,9 +210,10 @@ class SessionService:
             raise ApiError(404, "session_not_found", f"no session {session_id!r} (never started, ended or expired)")
         return snapshot
 
-    async def _update_active_gauge(self) -> None:
+    async def refresh_active_gauge(self) -> None:
+        """Count the live sessions when metrics are scraped, rather than on every chunk."""
         try:
             count = await self.store.active_sessions(now=time.time(), ttl_seconds=self.settings.session_ttl_seconds)
         except StoreUnavailable:
-            return  # the gauge keeps its last value; the request itself already succeeded
+            return  # an outage must not fail the scrape: the gauge keeps its last count
         metrics.ACTIVE_SESSIONS.set(count)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from app import metrics
-from app.deps import EngineDep, StoreDep
+from app.deps import EngineDep, SessionsDep, StoreDep
 from app.schemas import Health
 from app.store import StoreUnavailable
 
@@ -32,6 +32,7 @@ async def readyz(engine: EngineDep, store: StoreDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def scrape() -> Response:
+async def scrape(sessions: SessionsDep) -> Response:
+    await sessions.refresh_active_gauge()
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
