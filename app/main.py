@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.engine import InferenceEngine
 from app.errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.routes import health, models, predict, sessions
-from app.sessions import SessionService
+from app.services import open_services
 from app.settings import Settings
-from app.store import SessionStore
-from app.store.memory import MemoryStore
-from app.store.redis_store import RedisStore
-
-log = logging.getLogger(__name__)
-
-
-def build_store(settings: Settings) -> SessionStore:
-    if settings.redis_url:
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
-    return MemoryStore()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -32,19 +19,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = InferenceEngine.load(settings)
-        store = build_store(settings)
-        app.state.settings = settings
-        app.state.engine = engine
-        app.state.store = store
-        app.state.sessions = SessionService(store, engine, settings)
-        engine.start()
-        log.info("serving with %s session store", type(store).__name__)
-        try:
+        async with open_services(settings) as services:
+            app.state.settings = settings
+            app.state.engine = services.engine
+            app.state.store = services.store
+            app.state.sessions = services.sessions
             yield
-        finally:
-            await engine.stop()  # finishes queued windows first
-            await store.close()
 
     app = FastAPI(
         title="DMFT activity service",

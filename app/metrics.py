@@ -53,6 +53,30 @@ ACTIVE_SESSIONS = Gauge(
 )
 INGESTED_SAMPLES = Counter("dmft_ingested_samples_total", "Samples appended to session buffers.", ["modality"])
 ERRORS = Counter("dmft_errors_total", "Error answers by reason.", ["reason"])
+TRANSITIONS = Counter("dmft_transitions_total", "Session activity transitions, by activity entered.", ["activity"])
+WEBHOOK_DELIVERIES = Counter(
+    "dmft_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered, failed (to be retried) or dropped (gave up).",
+    ["outcome"],
+)
+WEBHOOK_LAG = Histogram(
+    "dmft_webhook_delivery_lag_seconds",
+    "Time from a transition's commit to its webhook's successful delivery.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0),
+)
+QUEUE_DEPTH = Gauge(
+    "dmft_queue_depth",
+    "Windows waiting in the model's inference queue; with several worker processes, the fullest one's.",
+    ["model"],
+    # Each process refuses windows once its own queue is full, so the fullest queue is the one that matters.
+    multiprocess_mode="livemax",
+)
+QUEUE_CAPACITY = Gauge(
+    "dmft_queue_capacity",
+    "Windows one process's inference queue holds before new ones are refused (DMFT_QUEUE_SIZE).",
+    ["model"],
+    multiprocess_mode="livemax",
+)
 
 
 def render() -> tuple[bytes, str]:

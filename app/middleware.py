@@ -12,7 +12,10 @@ from app.errors import ApiError, error_response
 
 
 class RequestMetricsMiddleware:
-    """Observes every HTTP request's duration under its route template, never its raw path."""
+    """Observes every HTTP request's duration under its route template, never its raw path.
+
+    Event streams are left out: they last as long as their client listens.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -23,20 +26,24 @@ class RequestMetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500
+        streaming = False
 
         async def observe_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, streaming
             if message["type"] == "http.response.start":
                 status = message["status"]
+                streaming = (b"content-type", b"text/event-stream; charset=utf-8") in message["headers"]
             await send(message)
 
         try:
             await self.app(scope, receive, observe_status)
         finally:
-            route = scope.get("route")
-            metrics.REQUEST_DURATION.labels(
-                route=getattr(route, "path", "unmatched"), method=scope["method"], status=str(status)
-            ).observe(time.perf_counter() - started)
+            # An event stream lasts as long as its client listens: not a request latency.
+            if not streaming:
+                route = scope.get("route")
+                metrics.REQUEST_DURATION.labels(
+                    route=getattr(route, "path", "unmatched"), method=scope["method"], status=str(status)
+                ).observe(time.perf_counter() - started)
 
 
 class BodyLimitMiddleware:

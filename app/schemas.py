@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 # A sample value: a JSON number, never a string, boolean, NaN or infinity.
 Sample = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -71,6 +71,11 @@ class SamplesChunk(BaseModel):
     seq: int = Field(ge=0, description="0 for the first chunk of a session, then one more per chunk.")
     modalities: dict[str, Rows] = Field(min_length=1, description="Samples per modality, any count, at its rate.")
     model: ModelChoice = Field(default="student", description="Fixed by the session's first chunk.")
+    timestamp: AwareDatetime | None = Field(
+        default=None,
+        description="The client's clock at the chunk's first sample. On seq 0 it becomes the session's time origin, "
+        "so window and transition times are in the client's clock; otherwise server time is used.",
+    )
 
 
 class WindowPrediction(BaseModel):
@@ -87,11 +92,26 @@ class WindowPrediction(BaseModel):
     model: str
 
 
+class Transition(BaseModel):
+    """The tracked activity of a session changed; ``time`` is the start of the new activity's first window."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    session_id: str
+    from_activity: str = Field(alias="from", description="Activity left: a class, or 'unknown'.")
+    to_activity: str = Field(alias="to", description="Activity entered: a class, or 'unknown'.")
+    time: datetime
+    window: int = Field(description="Index of the first window of the new activity.")
+    confidence: float = Field(description="Mean confidence of the windows that confirmed the new activity.")
+    model: str
+
+
 class SamplesResponse(BaseModel):
     session_id: str
     seq: int
     duplicate: bool = Field(description="True when this seq was already appended; nothing was appended again.")
     predictions: list[WindowPrediction]
+    transitions: list[Transition] = Field(description="Activity changes these windows confirmed, oldest first.")
     received: dict[str, int] = Field(description="Samples received so far, per modality.")
     buffered: dict[str, int] = Field(description="Samples held for windows still to come, per modality.")
 
@@ -103,13 +123,27 @@ class SessionState(BaseModel):
     seq: int
     started_at: datetime
     updated_at: datetime
-    activity: str | None = Field(description="Most likely activity over the last few windows; null before one.")
-    confidence: float | None
-    since: datetime | None = Field(description="Start of the first window of the current activity still retained.")
+    activity: str = Field(description="The tracked activity (with hysteresis), 'unknown' until one is confirmed.")
+    confidence: float | None = Field(description="Mean confidence of the windows that confirmed it.")
+    since: datetime | None = Field(description="Start of the first window of the current activity.")
     windows: int = Field(description="Windows classified so far.")
     received: dict[str, int]
     buffered: dict[str, int]
     recent: list[WindowPrediction] = Field(description="Latest predictions, newest last.")
+
+
+class Segment(BaseModel):
+    activity: str
+    start: datetime
+    end: datetime = Field(description="End of the segment's last window so far when ongoing.")
+    mean_confidence: float = Field(description="Mean probability the segment's windows gave its activity.")
+    windows: int
+    ongoing: bool
+
+
+class History(BaseModel):
+    session_id: str
+    segments: list[Segment] = Field(description="Oldest first; those overlapping [since, until] when given.")
 
 
 class Health(BaseModel):

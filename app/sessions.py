@@ -1,15 +1,20 @@
 """Streaming sessions: chunks of samples in, a prediction for every complete window out.
 
-A session's modalities and model are fixed by its first chunk (``seq`` 0). Windows
-start every ``hop_seconds`` and are classified as soon as every modality covers one;
-the store hands out complete windows and records each window's prediction once, even
-when several API processes serve one session. A window whose classification failed
-(overload, store outage) stays pending: retrying the chunk classifies it then.
+A session's modalities and model are fixed by its first chunk (``seq`` 0), and so is
+its time origin: the chunk's ``timestamp`` (client clock) or else the server's clock.
+Windows start every ``hop_seconds`` and are classified as soon as every modality
+covers one; the store hands out complete windows and records each window's prediction
+once, even when several API processes serve one session. A window whose
+classification failed (overload, store outage) stays pending: retrying the chunk
+classifies it then. Each commit also advances the session's activity tracker
+(hysteresis, ``app.tracker``) and logs the predictions and transitions as events.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -17,22 +22,36 @@ import numpy as np
 from app import metrics
 from app.engine import InferenceEngine
 from app.errors import ApiError, invalid_input, unavailable
-from app.schemas import SamplesChunk, SamplesResponse, SessionState, WindowPrediction
+from app.schemas import History, SamplesChunk, SamplesResponse, Segment, SessionState, Transition, WindowPrediction
 from app.settings import Settings
 from app.store import (
     AppendResult,
     BufferOverflow,
+    Event,
     ModalityMismatch,
+    Retention,
     SeqConflict,
     SessionSnapshot,
     SessionStore,
     StoreUnavailable,
     StreamLayout,
 )
+from app.tracker import SegmentRecord, TrackerState, WindowLabel, advance
 
 
 def _timestamp(epoch_seconds: float) -> datetime:
     return datetime.fromtimestamp(epoch_seconds, tz=UTC)
+
+
+def _segment(record: SegmentRecord, *, ongoing: bool) -> Segment:
+    return Segment(
+        activity=record.activity,
+        start=_timestamp(record.start),
+        end=_timestamp(record.end),
+        mean_confidence=record.mean_confidence,
+        windows=record.windows,
+        ongoing=ongoing,
+    )
 
 
 class SessionService:
@@ -40,6 +59,12 @@ class SessionService:
         self.store = store
         self.engine = engine
         self.settings = settings
+        self.retention = Retention(
+            predictions=settings.recent_predictions,
+            events=settings.retained_events,
+            segments=settings.retained_segments,
+            outbox=settings.outbox_size,
+        )
 
     def _unavailable(self, error: StoreUnavailable) -> ApiError:
         return unavailable(
@@ -61,6 +86,7 @@ class SessionService:
 
     async def append(self, session_id: str, chunk: SamplesChunk) -> SamplesResponse:
         arrays = {name: self.engine.to_samples(name, rows) for name, rows in chunk.modalities.items()}
+        now = time.time()
         try:
             result = await self.store.append(
                 session_id,
@@ -68,7 +94,8 @@ class SessionService:
                 model=chunk.model,
                 layout=self.layout_for(list(arrays)),
                 chunk={name: array.astype("<f4").tobytes() for name, array in arrays.items()},
-                now=time.time(),
+                now=now,
+                origin=chunk.timestamp.timestamp() if chunk.timestamp else now,
                 ttl_seconds=self.settings.session_ttl_seconds,
             )
         except StoreUnavailable as error:
@@ -92,18 +119,22 @@ class SessionService:
         if not result.duplicate:
             for name, array in arrays.items():
                 metrics.INGESTED_SAMPLES.labels(modality=name).inc(len(array))
-        predictions, buffered = await self._classify(session_id, result) if result.windows else ([], result.buffered)
+        predictions, transitions, buffered = [], [], result.buffered
+        if result.windows:
+            predictions = await self._classify(result)
+            transitions, buffered = await self._commit(session_id, result, predictions)
         return SamplesResponse(
             session_id=session_id,
             seq=result.seq,
             duplicate=result.duplicate,
             predictions=predictions,
+            transitions=transitions,
             received=result.received,
             buffered=buffered,
         )
 
-    async def _classify(self, session_id: str, result: AppendResult) -> tuple[list[WindowPrediction], dict[str, int]]:
-        """Classify the pending windows and commit them; returns them and the samples still buffered."""
+    async def _classify(self, result: AppendResult) -> list[WindowPrediction]:
+        """Predictions for the pending windows, timed from the session's origin."""
         layout = result.layout
         spans = {
             name: np.frombuffer(result.spans[name], dtype="<f4").reshape(-1, layout.channels[i])
@@ -143,26 +174,99 @@ class SessionService:
                     model=answer.model,
                 )
             )
-        try:
-            committed = await self.store.commit(
-                session_id,
-                result.first_window,
-                [p.model_dump(mode="json") for p in predictions],
-                keep=self.settings.recent_predictions,
-                ttl_seconds=self.settings.session_ttl_seconds,
+        return predictions
+
+    async def _commit(
+        self, session_id: str, result: AppendResult, predictions: list[WindowPrediction]
+    ) -> tuple[list[Transition], dict[str, int]]:
+        """Advance the tracker over the windows and commit both; returns the transitions this call recorded
+        and the samples still buffered.
+
+        When another process commits some of the windows first, the store answers ``stale`` with its
+        tracker state and this redoes the step for the windows left, so the tracker sees each window once.
+        """
+        tracker, first = TrackerState.from_dict(result.tracker), result.first_window
+        while True:
+            pending = [p for p in predictions if p.window >= first]
+            if not pending:  # another process committed them all
+                return [], result.buffered
+            update = advance(
+                tracker,
+                [
+                    WindowLabel(
+                        p.window,
+                        p.start_time.timestamp(),
+                        p.end_time.timestamp(),
+                        p.activity,
+                        p.confidence,
+                        p.probabilities,
+                        p.model,
+                    )
+                    for p in pending
+                ],
+                required=self.settings.transition_windows,
+                min_confidence=self.settings.transition_min_confidence,
             )
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
-        # Counted once per window, by the process whose commit recorded it.
-        for prediction in predictions:
-            if prediction.window in committed.recorded:
+            transitions = [
+                Transition(
+                    session_id=session_id,
+                    from_activity=record.from_activity,
+                    to_activity=record.to_activity,
+                    time=_timestamp(record.time),
+                    window=record.window,
+                    confidence=record.confidence,
+                    model=record.model,
+                )
+                for record in update.transitions
+            ]
+            try:
+                committed = await self.store.commit(
+                    session_id,
+                    first,
+                    [p.model_dump(mode="json") for p in pending],
+                    tracker=update.state.to_dict(),
+                    events=self._events(session_id, pending, transitions, update.confirmed_at),
+                    segments=[vars(segment) for segment in update.closed_segments],
+                    retention=self.retention,
+                    ttl_seconds=self.settings.session_ttl_seconds,
+                )
+            except StoreUnavailable as error:
+                raise self._unavailable(error) from error
+            if committed.stale:
+                tracker, first = TrackerState.from_dict(committed.tracker), committed.next_window
+                continue
+            if not committed.recorded:  # the session expired or ended meanwhile
+                return [], result.buffered
+            # Counted once per window and transition, by the process whose commit recorded it.
+            for prediction in pending:
                 metrics.PREDICTIONS.labels(model=prediction.model, activity=prediction.activity).inc()
-        return predictions, committed.buffered
+            for transition in transitions:
+                metrics.TRANSITIONS.labels(activity=transition.to_activity).inc()
+            return transitions, committed.buffered
+
+    @staticmethod
+    def _events(
+        session_id: str, predictions: list[WindowPrediction], transitions: list[Transition], confirmed_at: list[int]
+    ) -> list[Event]:
+        """Each prediction, followed by the transition it confirmed, if any."""
+        events = []
+        for position, prediction in enumerate(predictions):
+            events.append(
+                Event(
+                    "prediction",
+                    json.dumps({"session_id": session_id, **prediction.model_dump(mode="json")}, separators=(",", ":")),
+                )
+            )
+            events += [
+                Event("transition", transition.model_dump_json())
+                for transition, at in zip(transitions, confirmed_at, strict=True)
+                if at == position
+            ]
+        return events
 
     async def state(self, session_id: str) -> SessionState:
         snapshot = await self._snapshot(session_id)
-        recent = [WindowPrediction.model_validate(p) for p in snapshot.predictions]
-        activity, confidence, since = self._current_activity(recent)
+        tracker = TrackerState.from_dict(snapshot.tracker)
         return SessionState(
             session_id=session_id,
             model=snapshot.model,
@@ -170,28 +274,63 @@ class SessionService:
             seq=snapshot.seq,
             started_at=_timestamp(snapshot.started),
             updated_at=_timestamp(snapshot.updated),
-            activity=activity,
-            confidence=confidence,
-            since=since,
+            activity=tracker.activity,
+            confidence=tracker.confidence,
+            since=_timestamp(tracker.since) if tracker.since is not None else None,
             windows=snapshot.windows,
             received=snapshot.received,
             buffered=snapshot.buffered,
-            recent=recent,
+            recent=[WindowPrediction.model_validate(p) for p in snapshot.predictions],
         )
 
-    def _current_activity(self, recent: list[WindowPrediction]) -> tuple[str | None, float | None, datetime | None]:
-        """Mean probabilities over the last few windows; since = start of the run of that smoothed activity."""
-        if not recent:
-            return None, None, None
-        classes = self.engine.reference.class_names
-        probabilities = np.array([[p.probabilities[c] for c in classes] for p in recent])
-        k = self.settings.smoothing_windows
-        smoothed = [probabilities[max(0, i - k + 1) : i + 1].mean(axis=0) for i in range(len(recent))]
-        labels = [int(s.argmax()) for s in smoothed]
-        first = len(labels) - 1
-        while first > 0 and labels[first - 1] == labels[-1]:
-            first -= 1
-        return classes[labels[-1]], float(smoothed[-1].max()), recent[first].start_time
+    async def history(self, session_id: str, since: datetime | None, until: datetime | None) -> History:
+        """The session's activity segments overlapping ``[since, until]``, the ongoing one last."""
+        snapshot = await self._snapshot(session_id)
+        try:
+            closed = await self.store.history(session_id)
+        except StoreUnavailable as error:
+            raise self._unavailable(error) from error
+        segments = [_segment(SegmentRecord(**record), ongoing=False) for record in closed]
+        ongoing = TrackerState.from_dict(snapshot.tracker).segment
+        if ongoing is not None and ongoing.windows > 0:
+            segments.append(_segment(ongoing, ongoing=True))
+        return History(
+            session_id=session_id,
+            segments=[
+                segment
+                for segment in segments
+                if (since is None or segment.end >= since) and (until is None or segment.start <= until)
+            ],
+        )
+
+    async def events(self, session_id: str, last_event_id: str | None) -> AsyncIterator[Event | None]:
+        """The session's events after ``last_event_id`` (else from now on), ``None`` when idle for a
+        keep-alive, and a final ``end`` event once the session is deleted or expires."""
+        await self._snapshot(session_id)  # 404 before the stream starts
+        try:
+            after = last_event_id or await self.store.last_event_id(session_id)
+        except StoreUnavailable as error:
+            raise self._unavailable(error) from error
+        return self._follow(session_id, after)
+
+    async def _follow(self, session_id: str, after: str) -> AsyncIterator[Event | None]:
+        while True:
+            try:
+                batch = await self.store.read_events(
+                    session_id, after, wait_seconds=self.settings.sse_keepalive_seconds
+                )
+            except StoreUnavailable:
+                return  # the client reconnects with the last id it saw
+            for event in batch.events:
+                yield event
+                if event.type == "end":
+                    return
+                after = event.id
+            if not batch.alive:
+                yield Event("end", json.dumps({"session_id": session_id, "reason": "ended or expired"}), after)
+                return
+            if not batch.events:
+                yield None
 
     async def delete(self, session_id: str) -> None:
         try:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, AnyHttpUrl, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SHIPPED_BUNDLES = Path(__file__).resolve().parent.parent / "model" / "weights"
+
+
+class WebhookTarget(BaseModel):
+    url: AnyHttpUrl
+    secret: SecretStr = Field(min_length=16, description="Signs each request (HMAC-SHA256).")
 
 
 class Settings(BaseSettings):
@@ -37,11 +42,33 @@ class Settings(BaseSettings):
 
     hop_seconds: float = Field(default=1.0, gt=0, description="A session is classified every this many seconds.")
     session_ttl_seconds: int = Field(default=900, ge=1, description="An idle session expires after this.")
-    smoothing_windows: int = Field(default=3, ge=1, description="Windows averaged for a session's activity.")
+    transition_windows: int = Field(
+        default=3, ge=1, description="Consecutive windows a new activity must win before the session enters it."
+    )
+    transition_min_confidence: float = Field(
+        default=0.6, ge=0, le=1, description="Below this a window counts as 'unknown' for transitions."
+    )
     recent_predictions: int = Field(default=50, ge=1, description="Predictions kept per session.")
+    retained_events: int = Field(default=1000, ge=1, description="Events kept per session for SSE resumption.")
+    retained_segments: int = Field(default=1000, ge=1, description="Closed activity segments kept per session.")
+    outbox_size: int = Field(default=100_000, ge=1, description="Transitions kept for webhook delivery, in all.")
+    sse_keepalive_seconds: float = Field(default=15.0, gt=0, description="Comment sent on an idle event stream.")
     max_buffer_seconds: float = Field(
         default=120.0, gt=0, description="Samples a session may hold per modality ahead of a full window."
     )
 
     max_body_bytes: int = Field(default=4_000_000, ge=1024, description="Larger request bodies get 413.")
     max_batch_windows: int = Field(default=256, ge=1, description="Windows in one /v1/predict/batch request.")
+
+    webhooks: list[WebhookTarget] = Field(
+        default=[], description='Targets of transition events, as JSON: [{"url": "...", "secret": "..."}].'
+    )
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, description="Per delivery attempt.")
+    webhook_initial_backoff_seconds: float = Field(default=0.5, gt=0, description="First retry delay; doubles.")
+    webhook_max_backoff_seconds: float = Field(default=60.0, gt=0, description="Longest delay between retries.")
+    webhook_give_up_seconds: float = Field(
+        default=3600.0, gt=0, description="An event failing this long is dropped (counted) and delivery moves on."
+    )
+    webhook_lease_seconds: float = Field(
+        default=10.0, gt=0, description="One API process delivers per target; another takes over after this."
+    )

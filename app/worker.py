@@ -49,6 +49,9 @@ class BatchingWorker:
         self._queue_wait = metrics.QUEUE_WAIT.labels(model=bundle.name)
         self._inference_duration = metrics.INFERENCE_DURATION.labels(model=bundle.name)
         self._batch_size = metrics.BATCH_SIZE.labels(model=bundle.name)
+        self._queue_depth = metrics.QUEUE_DEPTH.labels(model=bundle.name)
+        self._queue_depth.set(0)
+        metrics.QUEUE_CAPACITY.labels(model=bundle.name).set(queue_size)
 
     def start(self) -> None:
         self._accepting = True
@@ -74,6 +77,7 @@ class BatchingWorker:
         jobs = [_Job(window, loop.create_future()) for window in windows]
         for job in jobs:
             self.queue.put_nowait(job)
+        self._queue_depth.set(self.queue.qsize())
         return [job.future for job in jobs]
 
     async def _run(self) -> None:
@@ -94,6 +98,7 @@ class BatchingWorker:
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
                 except TimeoutError:
                     break
+            self._queue_depth.set(self.queue.qsize())
             try:
                 await self._forward(batch)
             finally:

@@ -178,11 +178,11 @@ def test_stream_single_modality_session(client: TestClient, recording: Samples) 
     assert client.get(f"/v1/sessions/{session_id}").json()["modalities"] == ["gyroscope"]
 
 
-def test_get_session_before_first_window_has_no_activity(client: TestClient, recording: Samples) -> None:
+def test_get_session_before_first_window_has_unknown_activity(client: TestClient, recording: Samples) -> None:
     session_id = new_session_id()
     append(client, session_id, 0, {name: array[:30].tolist() for name, array in recording.items()})
     state = client.get(f"/v1/sessions/{session_id}").json()
-    assert (state["activity"], state["confidence"], state["since"]) == (None, None, None)
+    assert (state["activity"], state["confidence"], state["since"]) == ("unknown", None, None)
     assert (state["windows"], state["recent"]) == (0, [])
     assert state["buffered"] == dict.fromkeys(MODALITIES, 30)
 

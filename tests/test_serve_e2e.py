@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,18 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .live_server import live_server
 from .redis_fixtures import RedisTarget
-from .service_fixtures import HOP, WINDOW, WatchData, free_port, metric_value, parse_metrics
+from .service_fixtures import HOP, WINDOW, WatchData, metric_value, parse_metrics
 
-STARTUP_TIMEOUT_S = 60
 SHUTDOWN_TIMEOUT_S = 20
 PREDICT_REQUESTS = 20
 CHUNK = 137  # samples per session chunk
-
-
-def _dmft() -> list[str]:
-    script = Path(sys.executable).with_name("dmft")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "app.cli"]
 
 
 @dataclass
@@ -44,38 +37,12 @@ class Server:
 @pytest.fixture
 def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Server]:
     """A running ``dmft serve --workers 2`` on the test Redis (its keys are deleted afterwards)."""
-    port = free_port()
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    log = tmp_path / "serve.log"
-    env = {
-        **os.environ,
-        "DMFT_COMPILE_MODELS": "false",
-        "REDIS_URL": redis_target.url,
-        "DMFT_REDIS_PREFIX": redis_target.prefix,
-        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [*_dmft(), "serve", "--port", str(port), "--workers", "2", "--no-access-log"]
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            assert process.poll() is None, f"dmft serve exited with {process.returncode}:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"no /healthz within {STARTUP_TIMEOUT_S} s:\n{log.read_text()}"
-            time.sleep(0.25)
-        yield Server(base, process, log, metrics_dir)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with live_server(
+        tmp_path, redis=redis_target, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    ) as running:
+        yield Server(running.base, running.process, running.log, metrics_dir)
 
 
 def test_serve_two_workers_share_sessions_and_metrics(server: Server, watch_data: WatchData) -> None:

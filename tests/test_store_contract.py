@@ -6,8 +6,10 @@ tiny: windows of 4 samples every 2, and ramps whose values name their sample ind
 a span's bytes show exactly which samples the store handed back.
 
 ``append`` hands back every complete window not committed yet; ``commit`` records their
-predictions once and lets the store drop the samples no window still needs. The
-streaming tests commit after every append, as the service does.
+predictions once (a compare-and-set on the next uncommitted window) and lets the store
+drop the samples no window still needs. The streaming tests commit after every append,
+as the service does. Commits also carry the tracker state, events, segments and
+transitions, whose logs (events, history, outbox) are checked here too.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ from app.store import (
     AppendResult,
     BufferOverflow,
     CommitResult,
+    Event,
     ModalityMismatch,
+    Retention,
     SeqConflict,
     SessionStore,
     StreamLayout,
+    parse_event_id,
 )
 from app.store.memory import MemoryStore
 from app.store.redis_store import RedisStore
@@ -101,8 +106,9 @@ async def append(
     layout: StreamLayout = LAYOUT,
     ttl_seconds: int = TTL,
 ) -> AppendResult:
+    now = time.time()
     return await store.append(
-        session_id, seq=seq, model=MODEL, layout=layout, chunk=chunk, now=time.time(), ttl_seconds=ttl_seconds
+        session_id, seq=seq, model=MODEL, layout=layout, chunk=chunk, now=now, origin=now, ttl_seconds=ttl_seconds
     )
 
 
@@ -120,10 +126,27 @@ async def commit(
     keep: int = KEEP,
     ttl_seconds: int = TTL,
     tag: str = "",
+    events: list[Event] | None = None,
+    segments: list[dict] | None = None,
+    retention: Retention | None = None,
 ) -> CommitResult:
-    """Commit dummy predictions for windows ``first .. first+count-1``."""
+    """Commit dummy predictions for windows ``first .. first+count-1``, with a tracker state naming them."""
     predictions = [prediction(w, tag) for w in range(first, first + count)]
-    return await store.commit(session_id, first, predictions, keep=keep, ttl_seconds=ttl_seconds)
+    return await store.commit(
+        session_id,
+        first,
+        predictions,
+        tracker=tracker(first + count, tag),
+        events=events or [],
+        segments=segments or [],
+        retention=retention or Retention(predictions=keep, events=100, segments=100, outbox=100),
+        ttl_seconds=ttl_seconds,
+    )
+
+
+def tracker(next_window: int, tag: str = "") -> dict:
+    """A dummy tracker state: the store keeps it whole and hands it back."""
+    return {"through": next_window, "by": tag}
 
 
 async def commit_pending(
@@ -388,57 +411,62 @@ def test_commit_keeps_buffers_trimmed_over_long_stream(make_store: StoreFactory)
 def test_commit_records_each_window_only_once(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
         pending = await append(store, 0, one_sample_each(count=6))
-        assert (pending.first_window, pending.windows) == (0, 2)
+        assert (pending.first_window, pending.windows, pending.tracker) == (0, 2, None)
         first = await commit(store, 0, 2, tag="-A")
-        assert first.recorded == [0, 1]
+        assert (first.recorded, first.stale) == ([0, 1], False)
         assert first.buffered == dict.fromkeys(LAYOUT.modalities, 2)
-        # Another process classified the same windows: its commit records nothing.
+        # Another process classified the same windows: its commit is stale, writes nothing and
+        # learns where the session is.
         second = await commit(store, 0, 2, tag="-B")
-        assert second.recorded == []
-        assert second.buffered == first.buffered
+        assert (second.recorded, second.stale, second.next_window, second.tracker) == ([], True, 2, tracker(2, "-A"))
         snapshot = await store.get("s1")
         assert snapshot is not None
-        assert snapshot.windows == 2
+        assert (snapshot.windows, snapshot.tracker) == (2, tracker(2, "-A"))
         assert snapshot.predictions == [prediction(0, "-A"), prediction(1, "-A")]
-        # A stale pending list overlapping new windows records only the new ones.
+        # A stale pending list overlapping new windows is redone from the session's next window.
         more = await append(store, 1, one_sample_each(count=4, start=6))
-        assert (more.first_window, more.windows) == (2, 2)
-        overlap = await commit(store, 0, 4, tag="-B")
-        assert overlap.recorded == [2, 3]
-        assert overlap.buffered == dict.fromkeys(LAYOUT.modalities, 2)
+        assert (more.first_window, more.windows, more.tracker) == (2, 2, tracker(2, "-A"))
+        assert (await commit(store, 0, 4, tag="-B")).stale
+        redone = await commit(store, 2, 2, tag="-B")
+        assert redone.recorded == [2, 3]
+        assert redone.buffered == dict.fromkeys(LAYOUT.modalities, 2)
         snapshot = await store.get("s1")
         assert snapshot is not None
-        assert snapshot.windows == 4
+        assert (snapshot.windows, snapshot.tracker) == (4, tracker(4, "-B"))
         assert snapshot.predictions == [prediction(w, "-A") for w in (0, 1)] + [prediction(w, "-B") for w in (2, 3)]
 
     run(make_store, scenario)
 
 
-def test_commit_out_of_order_advances_only_when_contiguous(make_store: StoreFactory) -> None:
+def test_commit_ahead_of_the_next_window_is_stale(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
         pending = await append(store, 0, one_sample_each(count=10))
         assert (pending.first_window, pending.windows) == (0, 4)
         later = await commit(store, 2, 2)
-        assert later.recorded == [2, 3]
-        assert later.buffered == dict.fromkeys(LAYOUT.modalities, 10)  # windows 0 and 1 still need everything
+        assert (later.recorded, later.stale, later.next_window, later.tracker) == ([], True, 0, None)
         snapshot = await store.get("s1")
         assert snapshot is not None
-        assert snapshot.windows == 0
-        assert snapshot.predictions == [prediction(2), prediction(3)]
-        # Windows 0 and 1 are still pending (and, from the first one, so are 2 and 3).
+        assert (snapshot.windows, snapshot.predictions, snapshot.buffered) == (
+            0,
+            [],
+            dict.fromkeys(LAYOUT.modalities, 10),
+        )
         retry = await append(store, 0, one_sample_each(count=10))
         assert retry.duplicate
         assert (retry.first_window, retry.windows) == (0, 4)
         check_pending_spans(LAYOUT, 0, 4, retry.spans)
-        earlier = await commit(store, 0, 2)
-        assert earlier.recorded == [0, 1]
-        assert earlier.buffered == dict.fromkeys(LAYOUT.modalities, 2)  # from window 4's start, sample 8
+
+    run(make_store, scenario)
+
+
+def test_commit_of_incomplete_windows_is_refused(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(count=6))  # two complete windows
+        with pytest.raises(Exception, match="complete windows"):
+            await commit(store, 0, 3)
         snapshot = await store.get("s1")
         assert snapshot is not None
-        assert snapshot.windows == 4
-        assert snapshot.predictions == [prediction(w) for w in range(4)]
-        # Committing the whole pending list now records nothing.
-        assert (await commit_pending(store, retry)).recorded == []
+        assert (snapshot.windows, snapshot.predictions) == (0, [])
 
     run(make_store, scenario)
 
@@ -448,8 +476,8 @@ def test_commit_keeps_newest_predictions_in_window_order(make_store: StoreFactor
         pending = await append(store, 0, one_sample_each(count=20))
         assert (pending.first_window, pending.windows) == (0, 9)
         await commit(store, 0, 4, keep=4)
-        await commit(store, 6, 1, keep=4)  # out of order: window 6 before 4 and 5
         await commit(store, 4, 2, keep=4)
+        await commit(store, 6, 1, keep=4)
         snapshot = await store.get("s1")
         assert snapshot is not None
         assert snapshot.predictions == [prediction(w) for w in (3, 4, 5, 6)]
@@ -459,33 +487,6 @@ def test_commit_keeps_newest_predictions_in_window_order(make_store: StoreFactor
         assert snapshot is not None
         assert snapshot.predictions == [prediction(6), prediction(7)]
         assert snapshot.windows == 8
-
-    run(make_store, scenario)
-
-
-def test_commit_does_not_record_committed_windows_after_trimming(make_store: StoreFactory) -> None:
-    async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=10))
-        assert (await commit(store, 0, 4, keep=2)).recorded == [0, 1, 2, 3]
-        # A slower process commits the windows it classified from the same pending list.
-        late = await commit(store, 0, 2, keep=2, tag="-late")
-        snapshot = await store.get("s1")
-        assert snapshot is not None
-        assert (late.recorded, snapshot.windows, snapshot.predictions) == ([], 4, [prediction(2), prediction(3)])
-
-    run(make_store, scenario)
-
-
-def test_commit_out_of_order_with_small_keep_still_advances(make_store: StoreFactory) -> None:
-    async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=10))
-        assert (await commit(store, 2, 2, keep=1)).recorded == [2, 3]
-        assert (await commit(store, 0, 2, keep=1)).recorded == [0, 1]
-        snapshot = await store.get("s1")
-        assert snapshot is not None
-        assert snapshot.windows == 4
-        retry = await append(store, 0, one_sample_each(count=10))
-        assert (retry.first_window, retry.windows) == (4, 0)
 
     run(make_store, scenario)
 
@@ -708,7 +709,16 @@ def test_redis_commit_equal_predictions_of_different_windows(redis_target: Redis
         pending = await append(store, 0, one_sample_each(count=8))
         assert (pending.first_window, pending.windows) == (0, 3)
         same = {"activity": "rest"}
-        committed = await store.commit("s1", 0, [same, same, same], keep=KEEP, ttl_seconds=TTL)
+        committed = await store.commit(
+            "s1",
+            0,
+            [same, same, same],
+            tracker={},
+            events=[],
+            segments=[],
+            retention=Retention(predictions=KEEP, events=10, segments=10, outbox=10),
+            ttl_seconds=TTL,
+        )
         assert committed.recorded == [0, 1, 2]
         snapshot = await store.get("s1")
         assert snapshot is not None
@@ -725,4 +735,152 @@ def test_redis_commit_for_missing_session_writes_no_key(redis_target: RedisTarge
         assert (await commit(store, 0, 1, session_id="never-started")).recorded == []
 
     run(redis_store(redis_target), scenario)
-    assert redis_target.keys() == []
+    # Only the ended session's 'end' event lingers, briefly, for its event readers.
+    [log] = redis_target.keys()
+    assert log == f"{redis_target.prefix}:{{s1}}:events"
+    with redis_target.client() as client:
+        assert [fields[b"type"] for _, fields in client.xrange(log)] == [b"end"]
+        assert 0 < client.pttl(log) <= 60_000
+
+
+# --- time origin, events, history, outbox and delivery -----------------------------------------
+
+
+def test_new_session_takes_the_given_time_origin(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        chunk = one_sample_each(count=2)
+        first = await store.append(
+            "s1", seq=0, model=MODEL, layout=LAYOUT, chunk=chunk, now=5e9, origin=1e9, ttl_seconds=TTL
+        )
+        assert first.started == 1e9
+        later = await store.append(
+            "s1",
+            seq=1,
+            model=MODEL,
+            layout=LAYOUT,
+            chunk=one_sample_each(start=2),
+            now=5e9 + 1,
+            origin=2e9,
+            ttl_seconds=TTL,
+        )
+        assert later.started == 1e9  # fixed by the first chunk
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert (snapshot.started, snapshot.updated) == (1e9, 5e9 + 1)
+
+    run(make_store, scenario)
+
+
+def events_of(*names: str) -> list[Event]:
+    """Dummy events: 'p3' is a prediction, 't3' a transition, both naming their window."""
+    return [Event("transition" if name[0] == "t" else "prediction", f'{{"name": "{name}"}}') for name in names]
+
+
+def test_events_are_logged_in_order_with_increasing_ids(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(count=8))
+        assert await store.last_event_id("s1") == "0-0"
+        first = await commit(store, 0, 2, events=events_of("p0", "p1", "t1"))
+        second = await commit(store, 2, 1, events=events_of("p2"))
+        ids = first.event_ids + second.event_ids
+        assert len(ids) == 4
+        assert [parse_event_id(i) for i in ids] == sorted({parse_event_id(i) for i in ids})
+        assert await store.last_event_id("s1") == ids[-1]
+        batch = await store.read_events("s1", "0-0", wait_seconds=0.01)
+        assert batch.alive
+        assert [(e.id, e.type, e.data) for e in batch.events] == [
+            (i, e.type, e.data) for i, e in zip(ids, events_of("p0", "p1", "t1", "p2"), strict=True)
+        ]
+        after = await store.read_events("s1", ids[1], wait_seconds=0.01)
+        assert [e.id for e in after.events] == ids[2:]
+        # A stale commit logs nothing.
+        assert (await commit(store, 0, 1, events=events_of("p0"))).stale
+        assert (await store.read_events("s1", ids[-1], wait_seconds=0.01)).events == []
+
+    run(make_store, scenario)
+
+
+def test_read_events_waits_for_the_next_commit_and_sees_the_end(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(count=8))
+        start = await store.last_event_id("s1")
+        idle = await store.read_events("s1", start, wait_seconds=0.05)
+        assert (idle.events, idle.alive) == ([], True)
+        waiting = asyncio.create_task(store.read_events("s1", start, wait_seconds=5))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        began = time.monotonic()
+        committed = await commit(store, 0, 1, events=events_of("p0"))
+        woken = await waiting
+        assert time.monotonic() - began < 2
+        assert [e.id for e in woken.events] == committed.event_ids
+        # Ending the session wakes a waiting reader at once.
+        waiting = asyncio.create_task(store.read_events("s1", committed.event_ids[-1], wait_seconds=5))
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        assert await store.delete("s1")
+        gone = await waiting
+        assert time.monotonic() - began < 2
+        assert gone.alive is False
+        assert [event.type for event in gone.events] in ([], ["end"])
+
+    run(make_store, scenario)
+
+
+def test_event_log_and_history_keep_the_newest(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(count=20))
+        retention = Retention(predictions=KEEP, events=3, segments=2, outbox=100)
+        for window in range(5):
+            await commit(
+                store,
+                window,
+                1,
+                events=events_of(f"p{window}"),
+                segments=[{"segment": window}],
+                retention=retention,
+            )
+        batch = await store.read_events("s1", "0-0", wait_seconds=0.01)
+        assert [e.data for e in batch.events] == [e.data for e in events_of("p2", "p3", "p4")]
+        assert await store.history("s1") == [{"segment": 3}, {"segment": 4}]
+        assert await store.history("never-started") == []
+
+    run(make_store, scenario)
+
+
+def test_transitions_of_every_session_reach_the_outbox_in_commit_order(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        for session_id in ("s1", "s2"):
+            await append(store, 0, one_sample_each(count=8), session_id=session_id)
+        a = await commit(store, 0, 2, session_id="s1", events=events_of("p0", "t0", "p1"))
+        b = await commit(store, 0, 1, session_id="s2", events=events_of("t0"))
+        c = await commit(store, 2, 1, session_id="s1", events=events_of("t2"))
+        entries = await store.read_outbox("0-0", limit=10, wait_seconds=0.01)
+        assert [(e.session_id, e.event_id, e.data) for e in entries] == [
+            ("s1", a.event_ids[1], events_of("t0")[0].data),
+            ("s2", b.event_ids[0], events_of("t0")[0].data),
+            ("s1", c.event_ids[0], events_of("t2")[0].data),
+        ]
+        assert [e.id for e in await store.read_outbox(entries[0].id, limit=1, wait_seconds=0.01)] == [entries[1].id]
+        assert await store.read_outbox(entries[-1].id, limit=10, wait_seconds=0.01) == []
+        # The outbox outlives the session: a transition is delivered even after the session ends.
+        assert await store.delete("s1")
+        assert len(await store.read_outbox("0-0", limit=10, wait_seconds=0.01)) == 3
+
+    run(make_store, scenario)
+
+
+def test_delivery_lease_and_cursor(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        assert await store.hold_delivery("hook", "owner-a", lease_seconds=0.5) == "0-0"
+        assert await store.hold_delivery("hook", "owner-b", lease_seconds=0.5) is None
+        assert await store.advance_delivery("hook", "owner-a", "17-0")
+        assert not await store.advance_delivery("hook", "owner-b", "18-0")
+        assert await store.hold_delivery("hook", "owner-a", lease_seconds=0.5) == "17-0"  # renewed
+        assert await store.hold_delivery("other", "owner-b", lease_seconds=0.5) == "0-0"  # per target
+        await asyncio.sleep(0.7)
+        # The lease lapsed: another owner takes over from the cursor, and the old one may not move it.
+        assert await store.hold_delivery("hook", "owner-b", lease_seconds=0.5) == "17-0"
+        assert not await store.advance_delivery("hook", "owner-a", "19-0")
+
+    run(make_store, scenario)

@@ -1,19 +1,28 @@
-"""Streaming sessions: append chunks, read the current activity, end the session."""
+"""Streaming sessions: append chunks, read the current activity, follow its events, read its history, end it."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi.responses import StreamingResponse
 
 from app.deps import SessionsDep
-from app.schemas import SamplesChunk, SamplesResponse, SessionState
+from app.errors import invalid_input
+from app.schemas import History, SamplesChunk, SamplesResponse, SessionState
+from app.store import Event, parse_event_id
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
 SessionId = Annotated[
     str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$", description="Chosen by the client.")
 ]
+# The browser's EventSource sends the header when it reconnects; the query parameter is for a first connect.
+LastEventHeader = Annotated[str | None, Header(alias="Last-Event-ID", description="Resume after this event.")]
+LastEventQuery = Annotated[str | None, Query(description="Resume after this event (else the Last-Event-ID header).")]
+RECONNECT_MS = 1000
 
 
 @router.post("/{session_id}/samples", responses={404: {}, 409: {}, 422: {}, 503: {}})
@@ -24,6 +33,48 @@ async def append_samples(session_id: SessionId, chunk: SamplesChunk, sessions: S
 @router.get("/{session_id}", responses={404: {}, 503: {}})
 async def get_session(session_id: SessionId, sessions: SessionsDep) -> SessionState:
     return await sessions.state(session_id)
+
+
+@router.get(
+    "/{session_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {}, 422: {}, 503: {}},
+)
+async def follow_events(
+    session_id: SessionId,
+    sessions: SessionsDep,
+    last_event_id_header: LastEventHeader = None,
+    last_event_id: LastEventQuery = None,
+) -> StreamingResponse:
+    """Server-sent events: ``prediction`` and ``transition`` as they are committed, ``end`` when the session ends."""
+    resume = last_event_id_header or last_event_id
+    if resume is not None:
+        try:
+            parse_event_id(resume)
+        except ValueError as error:
+            raise invalid_input(f"Last-Event-ID: {error}") from error
+    events = await sessions.events(session_id, resume)
+    return StreamingResponse(
+        _server_sent(events),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _server_sent(events: AsyncIterator[Event | None]) -> AsyncIterator[str]:
+    yield f"retry: {RECONNECT_MS}\n\n"
+    async for event in events:
+        yield ": keep-alive\n\n" if event is None else f"id: {event.id}\nevent: {event.type}\ndata: {event.data}\n\n"
+
+
+@router.get("/{session_id}/history", responses={404: {}, 503: {}})
+async def get_history(
+    session_id: SessionId,
+    sessions: SessionsDep,
+    since: Annotated[datetime | None, Query(description="Segments ending at or after this time.")] = None,
+    until: Annotated[datetime | None, Query(description="Segments starting at or before this time.")] = None,
+) -> History:
+    return await sessions.history(session_id, since, until)
 
 
 @router.delete("/{session_id}", status_code=204, responses={404: {}, 503: {}})

@@ -1,6 +1,8 @@
 -- Append one chunk to a session and return every complete window not yet committed, atomically.
--- KEYS[1] meta hash, KEYS[2] buffer hash (one binary float32 field per modality), KEYS[3] predictions zset.
--- ARGV: seq, ttl_ms, now, model, layout_json (used when seq 0 starts the session), then modality/bytes pairs.
+-- KEYS[1] meta hash, KEYS[2] buffer hash (one binary float32 field per modality), KEYS[3] predictions zset,
+-- KEYS[4] events stream, KEYS[5] history list (their expiry is refreshed with the session's).
+-- ARGV: seq, ttl_ms, now, model, layout_json, origin (model, layout and time origin apply when seq 0 starts the
+-- session), then modality/bytes pairs.
 -- Nothing is written unless the whole chunk is accepted.
 local meta, buffers, predictions = KEYS[1], KEYS[2], KEYS[3]
 local seq, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -10,7 +12,7 @@ local fresh = not last
 local model, layout_json, started, next_window
 if fresh then
   if seq ~= 0 then return {'conflict', '0'} end
-  last, model, layout_json, started, next_window = -1, ARGV[4], ARGV[5], ARGV[3], 0
+  last, model, layout_json, started, next_window = -1, ARGV[4], ARGV[5], ARGV[6], 0
 else
   last = tonumber(last)
   model, layout_json, started = redis.call('HGET', meta, 'model'), redis.call('HGET', meta, 'layout'),
@@ -32,7 +34,7 @@ elseif seq ~= last + 1 then
 else
   local index, incoming = {}, {}
   for i, name in ipairs(layout.modalities) do index[name] = i end
-  for j = 6, #ARGV, 2 do
+  for j = 7, #ARGV, 2 do
     local i = index[ARGV[j]]
     if not i then return {'modalities', model, layout_json} end
     incoming[i] = ARGV[j + 1]
@@ -43,6 +45,7 @@ else
   end
   if fresh then
     redis.call('HSET', meta, 'model', model, 'layout', layout_json, 'started', started, 'next_window', '0')
+    redis.call('DEL', KEYS[4], KEYS[5])  -- what an ended session of the same id left behind
   end
   for i, samples in pairs(incoming) do
     local name = layout.modalities[i]
@@ -68,10 +71,8 @@ for i, name in ipairs(layout.modalities) do
     spans[i] = string.sub(redis.call('HGET', buffers, name) or '', start * size + 1, stop * size)
   end
 end
-redis.call('PEXPIRE', meta, ttl)
-redis.call('PEXPIRE', buffers, ttl)
-redis.call('PEXPIRE', predictions, ttl)
+for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
 local reply = {status, tostring(seq), model, layout_json, started, cjson.encode(received),
-  cjson.encode(offsets), tostring(next_window), tostring(count)}
+  cjson.encode(offsets), tostring(next_window), tostring(count), redis.call('HGET', meta, 'tracker') or ''}
 for i = 1, #layout.modalities do reply[#reply + 1] = spans[i] end
 return reply

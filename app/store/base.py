@@ -2,19 +2,34 @@
 
 A session has one stream per modality. ``append`` checks the chunk's ``seq``, appends
 raw float32 samples and hands back the samples of every complete window not yet
-committed, in one atomic step. The caller classifies them and ``commit``s the
-predictions, which records each window once (whichever API process gets there first),
-moves the session past them and drops the samples no window still needs. A window
-whose classification failed (overload, outage) stays pending, so the client's retry of
-the same chunk gets it again: nothing is lost between the two steps. Windows start
-every ``hop`` samples and span ``window`` samples; every write refreshes the session's
-expiry.
+committed, with the activity tracker's state before them, in one atomic step. The
+caller classifies the windows, advances the tracker and ``commit``s both. A commit is
+a compare-and-set on the session's next uncommitted window: when another API process
+committed some of those windows first, nothing is written and the caller gets the
+newer tracker state to redo its step from. So each window is recorded once and the
+tracker sees every window once, in order. A window whose classification failed
+(overload, outage) stays pending, and the client's retry of the same chunk gets it
+again. Windows start every ``hop`` samples and span ``window`` samples; every write
+refreshes the session's expiry.
+
+With the predictions, a commit appends the session's events (predictions and
+transitions, in order) to its event log, the segments the tracker closed to its
+history, and the transitions to the outbox that webhook delivery reads. The event log
+and history expire with the session; the outbox is shared by all sessions.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+
+
+def parse_event_id(text: str) -> tuple[int, int]:
+    """``'<milliseconds>-<sequence>'`` as a comparable pair; ValueError for anything else."""
+    milliseconds, _, sequence = text.partition("-")
+    if not (milliseconds.isdigit() and sequence.isdigit()):
+        raise ValueError(f"not an event id: {text!r}")
+    return int(milliseconds), int(sequence)
 
 
 class StoreUnavailable(Exception):
@@ -67,24 +82,59 @@ class StreamLayout:
         return cls(**{key: tuple(value) for key, value in data.items()})
 
 
+@dataclass(frozen=True)
+class Retention:
+    predictions: int  # newest predictions kept per session
+    events: int  # newest events kept per session
+    segments: int  # newest closed segments kept per session
+    outbox: int  # newest transitions kept for delivery, all sessions together
+
+
 @dataclass
 class AppendResult:
     duplicate: bool
     seq: int
     model: str
     layout: StreamLayout
-    started: float  # server time (epoch seconds) of the session's first chunk
+    started: float  # the session's time origin (epoch seconds): client or server clock at its first sample
     received: dict[str, int]  # samples per modality since the session began
     buffered: dict[str, int]  # samples still held
     first_window: int = 0  # index of the first pending window
     windows: int = 0  # pending windows: complete, not committed
     spans: dict[str, bytes] = field(default_factory=dict)  # float32 samples covering the pending windows
+    tracker: dict | None = None  # tracker state before ``first_window`` (None: a new tracker)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # 'prediction' or 'transition'
+    data: str  # JSON
+    id: str = ""  # assigned by the store: '<milliseconds>-<sequence>', increasing per session
 
 
 @dataclass
 class CommitResult:
     recorded: list[int]  # windows whose predictions this commit recorded
     buffered: dict[str, int]  # samples still held afterwards
+    event_ids: list[str] = field(default_factory=list)  # of the events this commit appended
+    # Set when another process committed first: nothing was written; redo from here.
+    stale: bool = False
+    next_window: int = 0
+    tracker: dict | None = None
+
+
+@dataclass
+class EventBatch:
+    events: list[Event]
+    alive: bool  # False once the session has ended or expired
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    id: str
+    session_id: str
+    event_id: str
+    data: str  # the transition's JSON
 
 
 @dataclass
@@ -98,6 +148,7 @@ class SessionSnapshot:
     received: dict[str, int]
     buffered: dict[str, int]
     predictions: list[dict]  # newest last
+    tracker: dict | None  # None until a window was classified
 
 
 class SessionStore(abc.ABC):
@@ -111,9 +162,11 @@ class SessionStore(abc.ABC):
         layout: StreamLayout,
         chunk: dict[str, bytes],
         now: float,
+        origin: float,
         ttl_seconds: int,
     ) -> AppendResult:
-        """Append ``chunk`` (raw float32 per modality) at ``seq``; ``layout``/``model`` apply to a new session.
+        """Append ``chunk`` (raw float32 per modality) at ``seq``; ``layout``, ``model`` and the time
+        ``origin`` apply to a new session.
 
         Raises ``SeqConflict`` for a gap or an older seq, ``ModalityMismatch`` for a
         modality the session does not stream, ``BufferOverflow`` past ``max_buffer``;
@@ -123,13 +176,51 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def commit(
-        self, session_id: str, first_window: int, predictions: list[dict], *, keep: int, ttl_seconds: int
+        self,
+        session_id: str,
+        first_window: int,
+        predictions: list[dict],
+        *,
+        tracker: dict,
+        events: list[Event],
+        segments: list[dict],
+        retention: Retention,
+        ttl_seconds: int,
     ) -> CommitResult:
-        """Record the predictions of windows ``first_window, first_window + 1, ...`` that are not recorded
-        yet (keeping the ``keep`` newest); an expired session records nothing."""
+        """If ``first_window`` is still the session's next uncommitted window, record the predictions of
+        windows ``first_window, first_window + 1, ...`` (all complete), store ``tracker``, append
+        ``events`` to the event log (transitions also to the outbox) and ``segments`` to the history;
+        else write nothing and return ``stale`` with the current window and tracker. An expired session
+        records nothing."""
 
     @abc.abstractmethod
     async def get(self, session_id: str) -> SessionSnapshot | None: ...
+
+    @abc.abstractmethod
+    async def history(self, session_id: str) -> list[dict]:
+        """The segments the tracker closed, oldest first (the newest ``retention.segments``)."""
+
+    @abc.abstractmethod
+    async def last_event_id(self, session_id: str) -> str:
+        """The id of the session's newest event, or '0-0'."""
+
+    @abc.abstractmethod
+    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
+        """The session's retained events after ``after``, waiting up to ``wait_seconds`` for one. Ending the
+        session wakes a waiting reader; its log may then end with an event of type 'end'."""
+
+    @abc.abstractmethod
+    async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
+        """Transitions of every session after outbox id ``after``, oldest first, waiting for one."""
+
+    @abc.abstractmethod
+    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
+        """Take or renew ``owner``'s lease on delivering to ``target``; the target's cursor (the last
+        outbox id delivered, '0-0' at first) if held, None when another owner holds it."""
+
+    @abc.abstractmethod
+    async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
+        """Move ``target``'s cursor to ``outbox_id`` if ``owner`` still holds the lease."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> bool: ...

@@ -1,11 +1,21 @@
--- Record the predictions of windows first, first+1, ... unless already recorded, advance the
--- session's next uncommitted window over every recorded one, and drop the samples no window
--- still needs. Returns the indices this call recorded (JSON) and the samples left per modality (JSON).
--- KEYS[1] meta hash, KEYS[2] buffer hash, KEYS[3] predictions zset (members '<window>:<json>').
--- ARGV: ttl_ms, keep, first, then one JSON prediction per window.
-local meta, buffers, predictions = KEYS[1], KEYS[2], KEYS[3]
+-- Commit classified windows, if no other process committed them first: a compare-and-set on the
+-- session's next uncommitted window. On success record the predictions, store the tracker state,
+-- append the events to the session's log (transitions also to the shared outbox) and the closed
+-- segments to its history, then drop the samples no window still needs.
+-- KEYS: meta hash, buffer hash, predictions zset (members '<window>:<json>'), events stream,
+--   history list, outbox stream.
+-- ARGV: ttl_ms, keep_predictions, first, tracker_json, keep_events, keep_segments, keep_outbox,
+--   session_id, then a count and that many predictions, a count and that many segments, then
+--   event type/data pairs.
+-- Returns {'gone'}, {'stale', next_window, tracker_json} or {'ok', buffered_json, event_ids...}.
+local meta, buffers, predictions, events, history, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ttl, keep, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if redis.call('EXISTS', meta) == 0 then return {'[]', '{}'} end
+if redis.call('EXISTS', meta) == 0 then return {'gone'} end
+
+local next_window = tonumber(redis.call('HGET', meta, 'next_window'))
+if next_window ~= first then
+  return {'stale', tostring(next_window), redis.call('HGET', meta, 'tracker') or ''}
+end
 
 local layout = cjson.decode(redis.call('HGET', meta, 'layout'))
 local received, offsets = {}, {}
@@ -13,22 +23,33 @@ for i, name in ipairs(layout.modalities) do
   received[i] = tonumber(redis.call('HGET', meta, 'received:' .. name))
   offsets[i] = tonumber(redis.call('HGET', meta, 'offset:' .. name))
 end
-local ready = complete_windows(layout, received)
-
--- A window is recorded once: never below the next uncommitted one, never twice above it,
--- never before it is complete. Members are prefixed with their window so that equal
--- predictions of different windows stay distinct.
-local next_window = tonumber(redis.call('HGET', meta, 'next_window'))
-local recorded = {}
-for j = 4, #ARGV do
-  local window = first + j - 4
-  if window >= next_window and window < ready and redis.call('ZCOUNT', predictions, window, window) == 0 then
-    redis.call('ZADD', predictions, window, window .. ':' .. ARGV[j])
-    recorded[#recorded + 1] = window
-  end
+local count = tonumber(ARGV[9])
+if first + count > complete_windows(layout, received) then
+  return redis.error_reply('a commit may only record complete windows')
 end
-while redis.call('ZCOUNT', predictions, next_window, next_window) > 0 do next_window = next_window + 1 end
-redis.call('HSET', meta, 'next_window', tostring(next_window))
+
+-- Members are prefixed with their window so that equal predictions of different windows stay distinct.
+for j = 1, count do
+  local window = first + j - 1
+  redis.call('ZADD', predictions, window, window .. ':' .. ARGV[9 + j])
+end
+next_window = first + count
+redis.call('HSET', meta, 'next_window', tostring(next_window), 'tracker', ARGV[4])
+redis.call('ZREMRANGEBYSCORE', predictions, '-inf', '(' .. (next_window - keep))
+
+local segments_at = 10 + count
+for j = 1, tonumber(ARGV[segments_at]) do redis.call('RPUSH', history, ARGV[segments_at + j]) end
+redis.call('LTRIM', history, -tonumber(ARGV[6]), -1)
+
+local reply = {'ok', ''}
+for j = segments_at + tonumber(ARGV[segments_at]) + 1, #ARGV, 2 do
+  local kind, data = ARGV[j], ARGV[j + 1]
+  local id = redis.call('XADD', events, 'MAXLEN', ARGV[5], '*', 'type', kind, 'data', data)
+  if kind == 'transition' then
+    redis.call('XADD', outbox, 'MAXLEN', ARGV[7], '*', 'session', ARGV[8], 'event', id, 'data', data)
+  end
+  reply[#reply + 1] = id
+end
 
 local buffered = {}
 for i, name in ipairs(layout.modalities) do
@@ -41,10 +62,6 @@ for i, name in ipairs(layout.modalities) do
   end
   buffered[name] = received[i] - offsets[i]
 end
-
--- Keep the newest committed predictions, and any recorded ahead of a gap.
-redis.call('ZREMRANGEBYSCORE', predictions, '-inf', '(' .. (next_window - keep))
-redis.call('PEXPIRE', meta, ttl)
-redis.call('PEXPIRE', buffers, ttl)
-redis.call('PEXPIRE', predictions, ttl)
-return {cjson.encode(recorded), cjson.encode(buffered)}
+reply[2] = cjson.encode(buffered)
+for _, key in ipairs({meta, buffers, predictions, events, history}) do redis.call('PEXPIRE', key, ttl) end
+return reply

@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from app.store.base import (
     AppendResult,
     BufferOverflow,
     CommitResult,
+    Event,
+    EventBatch,
     ModalityMismatch,
+    OutboxEntry,
+    Retention,
     SeqConflict,
     SessionSnapshot,
     SessionStore,
     StreamLayout,
+    parse_event_id,
 )
+
+
+class _Ids:
+    """Event ids as Redis streams make them: milliseconds, then a sequence within the millisecond."""
+
+    def __init__(self) -> None:
+        self.last = (0, 0)
+
+    def next(self) -> str:
+        now = int(time.time() * 1000)
+        self.last = (now, 0) if now > self.last[0] else (self.last[0], self.last[1] + 1)
+        return f"{self.last[0]}-{self.last[1]}"
+
+
+def _after(entries: deque, after: str) -> list:
+    position = parse_event_id(after)
+    return [entry for entry in entries if parse_event_id(entry.id) > position]
 
 
 @dataclass
@@ -31,12 +54,20 @@ class _Session:
     offset: list[int] = field(default_factory=list)  # absolute index of the first buffered sample
     buffers: list[bytearray] = field(default_factory=list)
     predictions: dict[int, dict] = field(default_factory=dict)
+    tracker: dict | None = None
+    events: deque[Event] = field(default_factory=deque)
+    history: deque[dict] = field(default_factory=deque)
 
 
 class MemoryStore(SessionStore):
     def __init__(self) -> None:
         self._sessions: dict[str, _Session] = {}
         self._lock = asyncio.Lock()
+        self._changed = asyncio.Condition(self._lock)  # new events, or a session gone
+        self._ids = _Ids()
+        self._outbox: deque[OutboxEntry] = deque()
+        self._leases: dict[str, tuple[str, float]] = {}  # target -> (owner, expiry)
+        self._cursors: dict[str, str] = {}
 
     def _live(self, session_id: str) -> _Session | None:
         session = self._sessions.get(session_id)
@@ -54,6 +85,7 @@ class MemoryStore(SessionStore):
         layout: StreamLayout,
         chunk: dict[str, bytes],
         now: float,
+        origin: float,
         ttl_seconds: int,
     ) -> AppendResult:
         async with self._lock:
@@ -65,7 +97,7 @@ class MemoryStore(SessionStore):
                 session = _Session(
                     model=model,
                     layout=layout,
-                    started=now,
+                    started=origin,
                     updated=now,
                     expires=now + ttl_seconds,
                     received=[0] * count,
@@ -119,6 +151,7 @@ class MemoryStore(SessionStore):
                 spans[name] = bytes(session.buffers[i][start * size : stop * size])
         result = self._result(session, duplicate=duplicate)
         result.first_window, result.windows, result.spans = first, count, spans
+        result.tracker = session.tracker
         return result
 
     def _result(self, session: _Session, *, duplicate: bool) -> AppendResult:
@@ -134,21 +167,35 @@ class MemoryStore(SessionStore):
         )
 
     async def commit(
-        self, session_id: str, first_window: int, predictions: list[dict], *, keep: int, ttl_seconds: int
+        self,
+        session_id: str,
+        first_window: int,
+        predictions: list[dict],
+        *,
+        tracker: dict,
+        events: list[Event],
+        segments: list[dict],
+        retention: Retention,
+        ttl_seconds: int,
     ) -> CommitResult:
         async with self._lock:
             session = self._live(session_id)
             if session is None:
                 return CommitResult(recorded=[], buffered={})
-            ready = self._complete_windows(session)
-            recorded = []
-            for window, prediction in enumerate(predictions, start=first_window):
-                # Recorded once: never below the next uncommitted window, never twice, never incomplete.
-                if session.next_window <= window < ready and window not in session.predictions:
-                    session.predictions[window] = prediction
-                    recorded.append(window)
-            while session.next_window in session.predictions:
-                session.next_window += 1
+            if first_window != session.next_window:
+                return CommitResult(
+                    recorded=[],
+                    buffered=self._result(session, duplicate=False).buffered,
+                    stale=True,
+                    next_window=session.next_window,
+                    tracker=session.tracker,
+                )
+            if first_window + len(predictions) > self._complete_windows(session):
+                raise ValueError("a commit may only record complete windows")
+            recorded = list(range(first_window, first_window + len(predictions)))
+            session.predictions.update(zip(recorded, predictions, strict=True))
+            session.next_window += len(predictions)
+            session.tracker = tracker
             layout = session.layout
             for i in range(len(layout.modalities)):
                 # Samples before the next window's start are needed by no future window.
@@ -156,11 +203,32 @@ class MemoryStore(SessionStore):
                 if keep_from > session.offset[i]:
                     del session.buffers[i][: (keep_from - session.offset[i]) * layout.bytes_per_sample(i)]
                     session.offset[i] = keep_from
-            # Keep the newest committed predictions, and any recorded ahead of a gap.
-            for window in [w for w in session.predictions if w < session.next_window - keep]:
+            for window in [w for w in session.predictions if w < session.next_window - retention.predictions]:
                 del session.predictions[window]
+            event_ids = []
+            for event in events:
+                stored = Event(event.type, event.data, self._ids.next())
+                session.events.append(stored)
+                event_ids.append(stored.id)
+                if event.type == "transition":
+                    self._outbox.append(OutboxEntry(self._ids.next(), session_id, stored.id, event.data))
+            session.history.extend(segments)
+            for log, keep in (
+                (session.events, retention.events),
+                (session.history, retention.segments),
+                (self._outbox, retention.outbox),
+            ):
+                while len(log) > keep:
+                    log.popleft()
             session.expires = time.time() + ttl_seconds
-            return CommitResult(recorded=recorded, buffered=self._result(session, duplicate=False).buffered)
+            if events:
+                self._changed.notify_all()
+            return CommitResult(
+                recorded=recorded,
+                buffered=self._result(session, duplicate=False).buffered,
+                event_ids=event_ids,
+                next_window=session.next_window,
+            )
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
         async with self._lock:
@@ -178,11 +246,70 @@ class MemoryStore(SessionStore):
                 received=result.received,
                 buffered=result.buffered,
                 predictions=[session.predictions[w] for w in sorted(session.predictions)],
+                tracker=session.tracker,
             )
 
-    async def delete(self, session_id: str) -> bool:
+    async def history(self, session_id: str) -> list[dict]:
         async with self._lock:
-            return self._live(session_id) is not None and self._sessions.pop(session_id, None) is not None
+            session = self._live(session_id)
+            return list(session.history) if session else []
+
+    async def last_event_id(self, session_id: str) -> str:
+        async with self._lock:
+            session = self._live(session_id)
+            return session.events[-1].id if session and session.events else "0-0"
+
+    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
+        deadline = time.monotonic() + wait_seconds
+        async with self._changed:
+            while True:
+                session = self._live(session_id)
+                if session is None:
+                    return EventBatch([], alive=False)
+                events = _after(session.events, after)
+                remaining = deadline - time.monotonic()
+                if events or remaining <= 0:
+                    return EventBatch(events, alive=True)
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+    async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
+        deadline = time.monotonic() + wait_seconds
+        async with self._changed:
+            while True:
+                entries = _after(self._outbox, after)[:limit]
+                remaining = deadline - time.monotonic()
+                if entries or remaining <= 0:
+                    return entries
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    pass
+
+    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
+        async with self._lock:
+            holder, expires = self._leases.get(target, (owner, 0.0))
+            now = time.monotonic()
+            if holder != owner and expires > now:
+                return None
+            self._leases[target] = (owner, now + lease_seconds)
+            return self._cursors.get(target, "0-0")
+
+    async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
+        async with self._lock:
+            holder, expires = self._leases.get(target, ("", 0.0))
+            if holder != owner or expires <= time.monotonic():
+                return False
+            self._cursors[target] = outbox_id
+            return True
+
+    async def delete(self, session_id: str) -> bool:
+        async with self._changed:
+            deleted = self._live(session_id) is not None and self._sessions.pop(session_id, None) is not None
+            self._changed.notify_all()
+            return deleted
 
     async def active_sessions(self, *, now: float, ttl_seconds: int) -> int:
         async with self._lock:

@@ -1,10 +1,17 @@
 """Sessions in Redis: Lua scripts append and commit atomically, with Redis key TTLs for expiry.
 
-Keys of a session share the hash tag ``{<session>}`` so the script may touch all of
-them on a Redis Cluster too: ``<prefix>:{<id>}:meta`` (seq, layout, counters),
-``:buf`` (one binary float32 field per modality) and ``:pred`` (recent predictions,
-scored by window index). Expiry is Redis's own key TTL. A sorted set
+Keys of a session share the hash tag ``{<session>}``: ``<prefix>:{<id>}:meta`` (seq,
+layout, counters, tracker state), ``:buf`` (one binary float32 field per modality),
+``:pred`` (recent predictions, scored by window index), ``:events`` (a stream: the
+event log that server-sent events read, its ids the event ids) and ``:history`` (a
+list of closed segments). Expiry is Redis's own key TTL. A sorted set
 ``<prefix>:sessions`` (score: last activity) counts the active sessions.
+
+Transitions also go to the stream ``<prefix>:outbox`` in the same commit, so a
+transition is never recorded without being queued for its webhooks. That one script
+touches keys of two hash slots: this store wants a single Redis (or a primary with
+replicas), not a Cluster. Webhook delivery keeps ``<prefix>:delivery:<target>:cursor``
+and a lease ``:lease`` per target.
 """
 
 from __future__ import annotations
@@ -20,7 +27,11 @@ from app.store.base import (
     AppendResult,
     BufferOverflow,
     CommitResult,
+    Event,
+    EventBatch,
     ModalityMismatch,
+    OutboxEntry,
+    Retention,
     SeqConflict,
     SessionSnapshot,
     SessionStore,
@@ -33,23 +44,60 @@ SCRIPTS = Path(__file__).parent
 APPEND_SCRIPT = (SCRIPTS / "windows.lua").read_text() + (SCRIPTS / "append.lua").read_text()
 COMMIT_SCRIPT = (SCRIPTS / "windows.lua").read_text() + (SCRIPTS / "commit.lua").read_text()
 OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+MAX_WAIT_SECONDS = 30.0  # longest blocking read
+END_LINGER_MS = 60_000  # how long an ended session's log keeps its 'end' event
+# Renew a lease only for its holder, and move a cursor only while holding the lease.
+HOLD_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('GET', KEYS[2]) or '0-0'
+"""
+# Ending a session leaves one 'end' event in its log, briefly, to wake its blocked event readers.
+DELETE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[5])
+redis.call('XADD', KEYS[4], '*', 'type', 'end', 'data', ARGV[1])
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+return 1
+"""
+ADVANCE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"""
 
 
 class RedisStore(SessionStore):
     def __init__(self, url: str, *, prefix: str = "dmft") -> None:
         # Short timeouts: a Redis outage should answer 503 quickly, not hang requests.
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        # Blocking stream reads wait longer than that on purpose: they get connections of their own.
+        self._waiting = redis.Redis.from_url(
+            url, socket_connect_timeout=1.0, socket_timeout=MAX_WAIT_SECONDS + 2.0, max_connections=1000
+        )
         self._prefix = prefix
         self._append = self._redis.register_script(APPEND_SCRIPT)
         self._commit = self._redis.register_script(COMMIT_SCRIPT)
+        self._hold = self._redis.register_script(HOLD_SCRIPT)
+        self._advance = self._redis.register_script(ADVANCE_SCRIPT)
+        self._delete = self._redis.register_script(DELETE_SCRIPT)
 
-    def _keys(self, session_id: str) -> tuple[str, str, str]:
+    def _keys(self, session_id: str) -> tuple[str, str, str, str, str]:
+        """meta, buffers, predictions, events, history."""
         tag = f"{self._prefix}:{{{session_id}}}"
-        return f"{tag}:meta", f"{tag}:buf", f"{tag}:pred"
+        return f"{tag}:meta", f"{tag}:buf", f"{tag}:pred", f"{tag}:events", f"{tag}:history"
 
     @property
     def _index(self) -> str:
         return f"{self._prefix}:sessions"
+
+    @property
+    def _outbox(self) -> str:
+        return f"{self._prefix}:outbox"
+
+    def _delivery_keys(self, target: str) -> list[str]:
+        return [f"{self._prefix}:delivery:{target}:lease", f"{self._prefix}:delivery:{target}:cursor"]
 
     async def append(
         self,
@@ -60,9 +108,17 @@ class RedisStore(SessionStore):
         layout: StreamLayout,
         chunk: dict[str, bytes],
         now: float,
+        origin: float,
         ttl_seconds: int,
     ) -> AppendResult:
-        args: list[str | bytes | int] = [seq, ttl_seconds * 1000, repr(now), model, json.dumps(layout.to_dict())]
+        args: list[str | bytes | int] = [
+            seq,
+            ttl_seconds * 1000,
+            repr(now),
+            model,
+            json.dumps(layout.to_dict()),
+            repr(origin),
+        ]
         for name, samples in chunk.items():
             args += [name, samples]
         try:
@@ -88,7 +144,8 @@ class RedisStore(SessionStore):
             buffered={name: int(r - o) for name, r, o in zip(stored.modalities, received, offsets, strict=True)},
         )
         result.first_window, result.windows = int(reply[7]), int(reply[8])
-        result.spans = dict(zip(stored.modalities, reply[9:], strict=True)) if result.windows else {}
+        result.tracker = json.loads(reply[9]) if reply[9] else None
+        result.spans = dict(zip(stored.modalities, reply[10:], strict=True)) if result.windows else {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(self._index, {session_id: now})
@@ -99,21 +156,57 @@ class RedisStore(SessionStore):
         return result
 
     async def commit(
-        self, session_id: str, first_window: int, predictions: list[dict], *, keep: int, ttl_seconds: int
+        self,
+        session_id: str,
+        first_window: int,
+        predictions: list[dict],
+        *,
+        tracker: dict,
+        events: list[Event],
+        segments: list[dict],
+        retention: Retention,
+        ttl_seconds: int,
     ) -> CommitResult:
-        args = [ttl_seconds * 1000, keep, first_window, *(json.dumps(p, separators=(",", ":")) for p in predictions)]
+        args: list[str | int] = [
+            ttl_seconds * 1000,
+            retention.predictions,
+            first_window,
+            _json(tracker),
+            retention.events,
+            retention.segments,
+            retention.outbox,
+            session_id,
+            len(predictions),
+            *map(_json, predictions),
+            len(segments),
+            *map(_json, segments),
+        ]
+        for event in events:
+            args += [event.type, event.data]
         try:
-            recorded, buffered = await self._commit(keys=list(self._keys(session_id)), args=args)
+            reply = await self._commit(keys=[*self._keys(session_id), self._outbox], args=args)
         except OUTAGE as error:
             raise StoreUnavailable(str(error)) from error
-        # cjson writes an empty list as {}: "or" turns it back into no windows.
+        status = reply[0].decode()
+        if status == "gone":
+            return CommitResult(recorded=[], buffered={})
+        if status == "stale":
+            return CommitResult(
+                recorded=[],
+                buffered={},
+                stale=True,
+                next_window=int(reply[1]),
+                tracker=json.loads(reply[2]) if reply[2] else None,
+            )
         return CommitResult(
-            recorded=[int(window) for window in json.loads(recorded) or []],
-            buffered={name: int(count) for name, count in json.loads(buffered).items()},
+            recorded=list(range(first_window, first_window + len(predictions))),
+            buffered={name: int(count) for name, count in json.loads(reply[1]).items()},
+            event_ids=[event_id.decode() for event_id in reply[2:]],
+            next_window=first_window + len(predictions),
         )
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
-        meta, _, key = self._keys(session_id)
+        meta, _, key, _, _ = self._keys(session_id)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(meta)
@@ -136,12 +229,71 @@ class RedisStore(SessionStore):
             received=received,
             buffered={name: received[name] - int(fields[f"offset:{name}"]) for name in layout.modalities},
             predictions=[json.loads(member.split(b":", 1)[1]) for member in members],
+            tracker=json.loads(fields["tracker"]) if fields.get("tracker") else None,
         )
 
+    async def history(self, session_id: str) -> list[dict]:
+        try:
+            segments = await self._redis.lrange(self._keys(session_id)[4], 0, -1)
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        return [json.loads(segment) for segment in segments]
+
+    async def last_event_id(self, session_id: str) -> str:
+        try:
+            newest = await self._redis.xrevrange(self._keys(session_id)[3], count=1)
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        return newest[0][0].decode() if newest else "0-0"
+
+    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
+        meta, _, _, events, _ = self._keys(session_id)
+        try:
+            # A blocking read holds its connection for the wait: the pool opens one per waiting reader.
+            reply = await self._waiting.xread({events: after}, block=_block_ms(wait_seconds))
+            alive = bool(await self._redis.exists(meta))
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        entries = reply[0][1] if reply else []
+        return EventBatch(
+            [
+                Event(fields[b"type"].decode(), fields[b"data"].decode(), entry_id.decode())
+                for entry_id, fields in entries
+            ],
+            alive=alive,
+        )
+
+    async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
+        try:
+            reply = await self._waiting.xread({self._outbox: after}, count=limit, block=_block_ms(wait_seconds))
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        return [
+            OutboxEntry(
+                entry_id.decode(), fields[b"session"].decode(), fields[b"event"].decode(), fields[b"data"].decode()
+            )
+            for entry_id, fields in (reply[0][1] if reply else [])
+        ]
+
+    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
+        try:
+            cursor = await self._hold(keys=self._delivery_keys(target), args=[owner, int(lease_seconds * 1000)])
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        return cursor.decode() if cursor else None
+
+    async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
+        try:
+            return bool(await self._advance(keys=self._delivery_keys(target), args=[owner, outbox_id]))
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+
     async def delete(self, session_id: str) -> bool:
+        end = _json({"session_id": session_id, "reason": "ended"})
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.delete(*self._keys(session_id))
+                # A script in a pipeline is loaded by the pipeline when Redis doesn't know it yet.
+                await self._delete(keys=list(self._keys(session_id)), args=[end, END_LINGER_MS], client=pipe)
                 pipe.zrem(self._index, session_id)
                 deleted, _ = await pipe.execute()
         except OUTAGE as error:
@@ -162,3 +314,12 @@ class RedisStore(SessionStore):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        await self._waiting.aclose()
+
+
+def _block_ms(wait_seconds: float) -> int:
+    return max(1, int(min(wait_seconds, MAX_WAIT_SECONDS) * 1000))
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -1,0 +1,55 @@
+"""The long-lived parts of the service, opened and closed together.
+
+The HTTP app's lifespan and the MQTT bridge both run the same session logic; this is
+the one place that builds it: the inference engine, the session store and the
+session service over them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from app.engine import InferenceEngine
+from app.sessions import SessionService
+from app.settings import Settings
+from app.store import SessionStore
+from app.store.memory import MemoryStore
+from app.store.redis_store import RedisStore
+from app.webhooks import WebhookDispatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: InferenceEngine
+    store: SessionStore
+    sessions: SessionService
+
+
+def build_store(settings: Settings) -> SessionStore:
+    if settings.redis_url:
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
+    return MemoryStore()
+
+
+@asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Load the models, connect the store and start webhook delivery; on exit, finish queued windows
+    and stop."""
+    engine = InferenceEngine.load(settings)
+    store = build_store(settings)
+    webhooks = WebhookDispatcher(store, settings)
+    engine.start()
+    webhooks.start()
+    log.info("serving with %s session store, %d webhook target(s)", type(store).__name__, len(settings.webhooks))
+    try:
+        yield Services(settings, engine, store, SessionService(store, engine, settings))
+    finally:
+        await webhooks.stop()
+        await engine.stop()  # finishes queued windows first
+        await store.close()

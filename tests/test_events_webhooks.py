@@ -1,0 +1,235 @@
+"""Server-sent events and webhooks over real HTTP: ``dmft serve`` with two workers on the real Redis.
+
+The event stream is read by a real HTTP client, dropped mid-session and resumed with
+``Last-Event-ID``. Webhooks go to a real HTTP server on loopback that checks every
+signature, and that is taken down for a while and brought back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from .live_server import LiveServer, live_server
+from .redis_fixtures import RedisTarget
+from .service_fixtures import MODALITIES, WatchData, free_port, metric_value, parse_metrics
+
+CHUNK = 150
+RECORDINGS = (114, 74, 9)  # three exercises, as in the activity tests: three transitions
+SECRET = "test-secret-0123456789"
+WAIT_S = 30
+
+
+@dataclass
+class ServerSentEvent:
+    id: str
+    type: str
+    data: dict
+
+
+def read_events(base: str, session_id: str, into: queue.Queue, *, last_event_id: str | None = None) -> None:
+    """Put each event of the session's stream on ``into`` until the stream closes (None marks the end)."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with (
+        httpx.Client(base_url=base, timeout=httpx.Timeout(5, read=60), trust_env=False) as client,
+        client.stream("GET", f"/v1/sessions/{session_id}/events", headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        fields: dict[str, str] = {}
+        for line in response.iter_lines():
+            if line == "":
+                if "event" in fields:
+                    into.put(ServerSentEvent(fields["id"], fields["event"], json.loads(fields["data"])))
+                fields = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+    into.put(None)
+
+
+def follow(base: str, session_id: str, *, last_event_id: str | None = None) -> queue.Queue:
+    events: queue.Queue = queue.Queue()
+    threading.Thread(
+        target=read_events, args=(base, session_id, events), kwargs={"last_event_id": last_event_id}, daemon=True
+    ).start()
+    return events
+
+
+def take(events: queue.Queue, count: int) -> list[ServerSentEvent]:
+    return [events.get(timeout=WAIT_S) for _ in range(count)]
+
+
+@pytest.fixture
+def exercises(watch_data: WatchData) -> dict[str, np.ndarray]:
+    parts = [watch_data.recording_samples(index) for index in RECORDINGS]
+    return {name: np.concatenate([part[name] for part in parts]) for name in MODALITIES}
+
+
+def chunks(samples: dict[str, np.ndarray]) -> list[dict]:
+    length = len(samples["accelerometer"])
+    return [{n: a[start : start + CHUNK].tolist() for n, a in samples.items()} for start in range(0, length, CHUNK)]
+
+
+def send(client: httpx.Client, session_id: str, seq: int, chunk: dict) -> dict:
+    response = client.post(f"/v1/sessions/{session_id}/samples", json={"seq": seq, "modalities": chunk})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[LiveServer]:
+    with live_server(tmp_path, redis=redis_target, workers=2) as running:
+        yield running
+
+
+def test_event_stream_resumes_with_last_event_id(server: LiveServer, exercises: dict[str, np.ndarray]) -> None:
+    session_id = "sse-resume"
+    pieces = chunks(exercises)
+    half = len(pieces) // 2
+    with httpx.Client(base_url=server.base, timeout=30, trust_env=False) as client:
+        send(client, session_id, 0, pieces[0])  # the stream needs a session
+        events = follow(server.base, session_id)
+        time.sleep(0.5)  # connected: a stream without Last-Event-ID starts at its newest event
+        answers = [send(client, session_id, seq, piece) for seq, piece in enumerate(pieces[1:half], start=1)]
+        expected = sum(len(a["predictions"]) + len(a["transitions"]) for a in answers)
+        seen = take(events, expected)
+        # The client goes away; the session goes on.
+        answers = [send(client, session_id, seq, piece) for seq, piece in enumerate(pieces[half:], start=half)]
+        missed = sum(len(a["predictions"]) + len(a["transitions"]) for a in answers)
+        resumed = follow(server.base, session_id, last_event_id=seen[-1].id)
+        rest = take(resumed, missed)
+        assert client.delete(f"/v1/sessions/{session_id}").status_code == 204
+        end = resumed.get(timeout=WAIT_S)
+        assert resumed.get(timeout=WAIT_S) is None  # the stream closed
+
+    everything = seen + rest
+    assert len({event.id for event in everything}) == len(everything)
+    windows = [event.data["window"] for event in everything if event.type == "prediction"]
+    assert windows == list(range(windows[0], windows[0] + len(windows)))  # none missed, none twice
+    transitions = [event.data for event in everything if event.type == "transition"]
+    assert [t["to"] for t in transitions][-2:] and len(transitions) >= 2
+    for event in everything:
+        assert event.data["session_id"] == session_id
+    # Each transition comes right after the prediction of the window that confirmed it.
+    for position, event in enumerate(everything):
+        if event.type == "transition":
+            assert everything[position - 1].type == "prediction"
+    assert (end.type, end.data["session_id"]) == ("end", session_id)
+
+
+@dataclass
+class Receiver:
+    """A webhook endpoint on loopback: checks each signature, records each event."""
+
+    port: int
+    received: list[dict] = field(default_factory=list)
+    bad_signatures: int = 0
+    _server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                timestamp = self.headers["X-DMFT-Timestamp"]
+                expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+                if not hmac.compare_digest(self.headers["X-DMFT-Signature"], f"sha256={expected}"):
+                    receiver.bad_signatures += 1
+                    self.send_response(401)
+                else:
+                    event = json.loads(body)
+                    assert event["event_id"] == self.headers["X-DMFT-Event-Id"]
+                    receiver.received.append(event)
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def wait_for(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_webhooks_deliver_every_transition_once_in_order_across_an_outage(
+    redis_target: RedisTarget, tmp_path: Path, exercises: dict[str, np.ndarray]
+) -> None:
+    receiver = Receiver(free_port())
+    receiver.start()
+    env = {
+        "DMFT_WEBHOOKS": json.dumps([{"url": f"http://127.0.0.1:{receiver.port}/hooks/activity", "secret": SECRET}]),
+        "DMFT_WEBHOOK_INITIAL_BACKOFF_SECONDS": "0.2",
+        "DMFT_WEBHOOK_MAX_BACKOFF_SECONDS": "1",
+    }
+    try:
+        with (
+            live_server(tmp_path, redis=redis_target, workers=2, env=env) as server,
+            httpx.Client(base_url=server.base, timeout=30, trust_env=False) as client,
+        ):
+            pieces = chunks(exercises)
+            sent: dict[str, list[dict]] = {}
+            for session_id in ("home-a", "home-b"):
+                if session_id == "home-b":
+                    receiver.stop()  # down while the second session is streamed
+                answers = [send(client, session_id, seq, piece) for seq, piece in enumerate(pieces)]
+                sent[session_id] = [t for answer in answers for t in answer["transitions"]]
+            assert [len(transitions) for transitions in sent.values()] == [3, 3]
+            wait_for(lambda: len(receiver.received) >= 3, "the first session's transitions")
+            samples = parse_metrics(client.get("/metrics").text)
+            wait_for(
+                lambda: (
+                    metric_value(
+                        parse_metrics(client.get("/metrics").text),
+                        "dmft_webhook_deliveries_total",
+                        {"outcome": "failed"},
+                    )
+                    > 0
+                ),
+                "a failed delivery to count",
+            )
+            time.sleep(1.5)  # a few retries against the closed port
+            receiver.start()
+            wait_for(lambda: len(receiver.received) >= 6, "the queued transitions after the outage")
+            time.sleep(1.0)  # nothing more may come
+            samples = parse_metrics(client.get("/metrics").text)
+    finally:
+        receiver.stop()
+
+    assert receiver.bad_signatures == 0
+    assert len(receiver.received) == 6
+    assert len({event["event_id"] for event in receiver.received}) == 6  # each once
+    for session_id, transitions in sent.items():
+        delivered = [
+            {key: value for key, value in event.items() if key != "event_id"}
+            for event in receiver.received
+            if event["session_id"] == session_id
+        ]
+        assert delivered == transitions  # all of them, in order, as the API answered them
+    assert metric_value(samples, "dmft_webhook_deliveries_total", {"outcome": "delivered"}) == 6
+    assert metric_value(samples, "dmft_webhook_deliveries_total", {"outcome": "dropped"}) == 0
