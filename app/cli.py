@@ -1,9 +1,12 @@
-"""The ``dmft`` console script: the model's commands plus ``serve``."""
+"""The ``dmft`` console script: the model's commands plus ``serve``, ``replay`` and ``mqtt-bridge``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -55,8 +58,113 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_serve)
 
 
+def _speed(text: str) -> float | None:
+    """``--speed``: a factor of real time, or 'max' for no pause between chunks."""
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive factor (1, 10 ...) nor 'max'")
+    return value
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    import functools
+    import logging
+
+    from app.client import SESSION_ID, ActivityClient, ClientError
+    from app.replay import ReplayInputError, Summary, check_against_model, load_recording, replay
+
+    if not SESSION_ID.match(args.session):
+        raise ReplayInputError(f"--session {args.session!r}: use 1 to 128 letters, digits, '.', '_', ':' or '-'")
+    if not args.chunk_seconds > 0:
+        raise ReplayInputError("--chunk-seconds must be positive")
+    recording = load_recording(args.file, args.recording)
+    # httpx logs every request; the replay prints its own line per window.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    echo = functools.partial(print, flush=True)
+    summary = Summary()
+    status = 0
+    with ActivityClient(args.url) as client:
+        try:
+            models = {info.name: info for info in client.models().models}
+            check_against_model(recording, models["teacher" if args.model == "teacher" else "student"])
+            replay(
+                recording,
+                client,
+                args.session,
+                model=args.model,
+                speed=args.speed,
+                chunk_seconds=args.chunk_seconds,
+                echo=echo,
+                summary=summary,
+            )
+        except ClientError as error:
+            print(f"dmft replay: error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            echo("interrupted")
+            status = 130
+    for line in summary.lines():
+        echo(line)
+    return status
+
+
+def add_replay(commands: argparse._SubParsersAction) -> None:
+    replay = commands.add_parser("replay", help="stream a recording to a session and score the predictions")
+    replay.add_argument("file", type=Path, help=".npz window dataset (with 'recording') or .csv with a time column")
+    replay.add_argument("--session", required=True, help="session id to stream to (a new one)")
+    replay.add_argument("--speed", type=_speed, default=1.0, help="1 (real time), 10, ... or max (default 1)")
+    replay.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
+    replay.add_argument("--model", choices=["student", "teacher", "cascade"], default="student")
+    replay.add_argument("--chunk-seconds", type=float, default=1.0, help="seconds of samples per chunk")
+    replay.add_argument("--recording", type=int, help="recording id in an .npz file (default: the first)")
+    replay.set_defaults(handler=cmd_replay)
+
+
+def cmd_mqtt_bridge(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.mqtt.bridge import BrokerConfig, serve
+    from app.mqtt.discovery import Topics
+    from app.settings import Settings
+
+    for option, prefix in (("--topic-prefix", args.topic_prefix), ("--discovery-prefix", args.discovery_prefix)):
+        if not prefix or any(c in prefix for c in "+#") or prefix.startswith("/") or prefix.endswith("/"):
+            raise ValueError(f"{option} {prefix!r}: a topic without wildcards or a leading or trailing '/'")
+    overrides = {"bundles": args.bundles, "redis_url": args.redis_url}
+    settings = Settings(**{key: value for key, value in overrides.items() if value})
+    if not settings.redis_url:
+        logging.getLogger("dmft").warning("no Redis: sessions fed over MQTT are not seen by the HTTP service")
+    broker = BrokerConfig(
+        host=args.broker_host,
+        port=args.broker_port,
+        client_id=args.client_id,
+        username=args.username,
+        password=os.environ.get("DMFT_MQTT_PASSWORD"),
+    )
+    asyncio.run(serve(settings, broker, Topics(args.topic_prefix, args.discovery_prefix)))
+    return 0
+
+
+def add_mqtt_bridge(commands: argparse._SubParsersAction) -> None:
+    bridge = commands.add_parser("mqtt-bridge", help="feed sessions from MQTT; announce them to Home Assistant")
+    bridge.add_argument("--broker-host", default="127.0.0.1")
+    bridge.add_argument("--broker-port", type=int, default=1883)
+    bridge.add_argument("--username", help="broker login; the password is read from DMFT_MQTT_PASSWORD")
+    bridge.add_argument("--client-id", default="", help="MQTT client id (default: assigned by the broker)")
+    bridge.add_argument("--topic-prefix", default="dmft", help="topics are <prefix>/<session>/samples, /state ...")
+    bridge.add_argument("--discovery-prefix", default="homeassistant", help="Home Assistant's discovery prefix")
+    bridge.add_argument("--bundles", type=Path, help="directory with teacher/ and student/ (else DMFT_BUNDLES)")
+    bridge.add_argument("--redis-url", help="Redis shared with the HTTP service (else REDIS_URL)")
+    bridge.set_defaults(handler=cmd_mqtt_bridge)
+
+
 def main(argv: list[str] | None = None) -> int:
-    return model_cli.main(argv, extensions=[add_serve])
+    return model_cli.main(argv, extensions=[add_serve, add_replay, add_mqtt_bridge])
 
 
 if __name__ == "__main__":

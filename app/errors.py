@@ -31,9 +31,24 @@ class ApiError(Exception):
         self.details = details
         self.headers = headers
 
+    def body(self) -> dict[str, Any]:
+        """The error shape every answer and every published error message has."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
 
 def invalid_input(message: str) -> ApiError:
     return ApiError(422, "invalid_input", message)
+
+
+def invalid_fields(errors: list[dict[str, Any]]) -> ApiError:
+    """422 for pydantic's validation ``errors``, each field written as ``modalities.accelerometer[3][1]``."""
+    details = [{"field": _location(tuple(e["loc"])), "message": e["msg"], "type": e["type"]} for e in errors]
+    first = details[0]
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return ApiError(422, "invalid_input", f"{first['field']}: {first['message']}{more}", details=details)
 
 
 def unavailable(code: str, message: str, retry_after: int) -> ApiError:
@@ -42,10 +57,7 @@ def unavailable(code: str, message: str, retry_after: int) -> ApiError:
 
 def error_response(error: ApiError) -> JSONResponse:
     metrics.ERRORS.labels(reason=error.code).inc()
-    body: dict[str, Any] = {"code": error.code, "message": error.message}
-    if error.details:
-        body["details"] = error.details
-    return JSONResponse({"error": body}, status_code=error.status, headers=error.headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -57,13 +69,7 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    details = [{"field": _location(tuple(e["loc"])), "message": e["msg"], "type": e["type"]} for e in errors]
-    first = details[0]
-    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
-    return error_response(
-        ApiError(422, "invalid_input", f"{first['field']}: {first['message']}{more}", details=details)
-    )
+    return error_response(invalid_fields(list(exc.errors())))
 
 
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -12,6 +12,8 @@ Sample = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Rows of samples of one modality: ``[[x, y, z], ...]``, one row per sample.
 Rows = list[list[Sample]]
 ModelChoice = Literal["student", "teacher", "cascade"]
+# A session id, chosen by the client: it names Redis keys and MQTT topics, so it is kept plain.
+SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 
 
 class WindowSamples(BaseModel):
@@ -144,6 +146,44 @@ class Segment(BaseModel):
 class History(BaseModel):
     session_id: str
     segments: list[Segment] = Field(description="Oldest first; those overlapping [since, until] when given.")
+
+
+class SessionSummary(BaseModel):
+    session_id: str
+    model: str
+    modalities: list[str]
+    activity: str
+    confidence: float | None
+    since: datetime | None
+    updated_at: datetime
+    windows: int
+    last_window: WindowPrediction | None
+
+
+class FeedItem(BaseModel):
+    session_id: str
+    window: int
+    activity: str
+    confidence: float
+    model: str
+    end_time: datetime
+
+
+class LatencyHistogram(BaseModel):
+    """A Prometheus histogram of this process (or all workers), cumulative since start."""
+
+    bounds: list[float] = Field(description="Bucket upper bounds in seconds; a last bucket (+Inf) follows.")
+    counts: list[float] = Field(description="Cumulative count per bucket, +Inf last (the total).")
+    quantiles_ms: dict[str, float | None] = Field(description="p50, p95, p99 since start, interpolated.")
+
+
+class Overview(BaseModel):
+    generated_at: datetime
+    active_sessions: int
+    sessions: list[SessionSummary] = Field(description="The most recently updated live sessions, newest first.")
+    recent_predictions: list[FeedItem] = Field(description="Their latest window predictions, newest first.")
+    request_latency: LatencyHistogram = Field(description="API requests, without scrapes and this page's polling.")
+    inference_latency: dict[str, LatencyHistogram] = Field(description="Forward passes, per model.")
 
 
 class Health(BaseModel):

@@ -12,6 +12,7 @@ classifies it then. Each commit also advances the session's activity tracker
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,17 @@ import numpy as np
 from app import metrics
 from app.engine import InferenceEngine
 from app.errors import ApiError, invalid_input, unavailable
-from app.schemas import History, SamplesChunk, SamplesResponse, Segment, SessionState, Transition, WindowPrediction
+from app.schemas import (
+    FeedItem,
+    History,
+    SamplesChunk,
+    SamplesResponse,
+    Segment,
+    SessionState,
+    SessionSummary,
+    Transition,
+    WindowPrediction,
+)
 from app.settings import Settings
 from app.store import (
     AppendResult,
@@ -327,10 +338,52 @@ class SessionService:
                     return
                 after = event.id
             if not batch.alive:
-                yield Event("end", json.dumps({"session_id": session_id, "reason": "ended or expired"}), after)
+                yield Event("end", json.dumps({"session_id": session_id, "reason": "ended or expired"}))
                 return
             if not batch.events:
                 yield None
+
+    async def overview(self, limit: int, feed: int) -> tuple[int, list[SessionSummary], list[FeedItem]]:
+        """The live-session count, the ``limit`` sessions updated last and their ``feed`` newest predictions."""
+        now, ttl = time.time(), self.settings.session_ttl_seconds
+        try:
+            count = await self.store.active_sessions(now=now, ttl_seconds=ttl)
+            ids = await self.store.recent_sessions(now=now, ttl_seconds=ttl, limit=limit)
+            snapshots = await asyncio.gather(*(self.store.get(session_id) for session_id in ids))
+        except StoreUnavailable as error:
+            raise self._unavailable(error) from error
+        sessions, items = [], []
+        for session_id, snapshot in zip(ids, snapshots, strict=True):
+            if snapshot is None:  # ended between the two reads
+                continue
+            tracker = TrackerState.from_dict(snapshot.tracker)
+            recent = [WindowPrediction.model_validate(p) for p in snapshot.predictions]
+            sessions.append(
+                SessionSummary(
+                    session_id=session_id,
+                    model=snapshot.model,
+                    modalities=list(snapshot.layout.modalities),
+                    activity=tracker.activity,
+                    confidence=tracker.confidence,
+                    since=_timestamp(tracker.since) if tracker.since is not None else None,
+                    updated_at=_timestamp(snapshot.updated),
+                    windows=snapshot.windows,
+                    last_window=recent[-1] if recent else None,
+                )
+            )
+            items += [
+                FeedItem(
+                    session_id=session_id,
+                    window=p.window,
+                    activity=p.activity,
+                    confidence=p.confidence,
+                    model=p.model,
+                    end_time=p.end_time,
+                )
+                for p in recent[-feed:]
+            ]
+        items.sort(key=lambda item: item.end_time, reverse=True)
+        return count, sessions, items[:feed]
 
     async def delete(self, session_id: str) -> None:
         try:

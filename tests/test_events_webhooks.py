@@ -194,26 +194,22 @@ def test_webhooks_deliver_every_transition_once_in_order_across_an_outage(
         ):
             pieces = chunks(exercises)
             sent: dict[str, list[dict]] = {}
-            for session_id in ("home-a", "home-b"):
-                if session_id == "home-b":
-                    receiver.stop()  # down while the second session is streamed
+
+            def stream(session_id: str) -> None:
                 answers = [send(client, session_id, seq, piece) for seq, piece in enumerate(pieces)]
                 sent[session_id] = [t for answer in answers for t in answer["transitions"]]
-            assert [len(transitions) for transitions in sent.values()] == [3, 3]
-            wait_for(lambda: len(receiver.received) >= 3, "the first session's transitions")
-            samples = parse_metrics(client.get("/metrics").text)
-            wait_for(
-                lambda: (
-                    metric_value(
-                        parse_metrics(client.get("/metrics").text),
-                        "dmft_webhook_deliveries_total",
-                        {"outcome": "failed"},
-                    )
-                    > 0
-                ),
-                "a failed delivery to count",
-            )
-            time.sleep(1.5)  # a few retries against the closed port
+                assert len(sent[session_id]) == 3
+
+            def failures() -> float:
+                samples = parse_metrics(client.get("/metrics").text)
+                return metric_value(samples, "dmft_webhook_deliveries_total", {"outcome": "failed"})
+
+            stream("home-a")
+            wait_for(lambda: len(receiver.received) == 3, "the first session's transitions")
+            receiver.stop()  # down while the second session is streamed
+            stream("home-b")
+            wait_for(lambda: failures() > 0, "a failed delivery to count")
+            time.sleep(1.5)  # a few more retries against the closed port
             receiver.start()
             wait_for(lambda: len(receiver.received) >= 6, "the queued transitions after the outage")
             time.sleep(1.0)  # nothing more may come

@@ -655,6 +655,20 @@ def test_active_sessions_counts_live_sessions(make_store: StoreFactory) -> None:
     run(make_store, scenario)
 
 
+def test_recent_sessions_lists_live_sessions_newest_first(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        for session_id in ("s1", "s2", "s3"):
+            await append(store, 0, one_sample_each(), session_id=session_id)
+            await asyncio.sleep(0.01)
+        await append(store, 1, one_sample_each(start=1), session_id="s1")
+        assert await store.recent_sessions(now=time.time(), ttl_seconds=TTL, limit=10) == ["s1", "s3", "s2"]
+        assert await store.recent_sessions(now=time.time(), ttl_seconds=TTL, limit=2) == ["s1", "s3"]
+        assert await store.delete("s3")
+        assert await store.recent_sessions(now=time.time(), ttl_seconds=TTL, limit=10) == ["s1", "s2"]
+
+    run(make_store, scenario)
+
+
 def test_session_expires_after_ttl(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
         pending = await append(store, 0, one_sample_each(count=6), ttl_seconds=1)

@@ -11,14 +11,12 @@ from fastapi.responses import StreamingResponse
 
 from app.deps import SessionsDep
 from app.errors import invalid_input
-from app.schemas import History, SamplesChunk, SamplesResponse, SessionState
+from app.schemas import SESSION_ID_PATTERN, History, SamplesChunk, SamplesResponse, SessionState
 from app.store import Event, parse_event_id
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 
-SessionId = Annotated[
-    str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$", description="Chosen by the client.")
-]
+SessionId = Annotated[str, Path(pattern=SESSION_ID_PATTERN, description="Chosen by the client.")]
 # The browser's EventSource sends the header when it reconnects; the query parameter is for a first connect.
 LastEventHeader = Annotated[str | None, Header(alias="Last-Event-ID", description="Resume after this event.")]
 LastEventQuery = Annotated[str | None, Query(description="Resume after this event (else the Last-Event-ID header).")]
@@ -64,7 +62,10 @@ async def follow_events(
 async def _server_sent(events: AsyncIterator[Event | None]) -> AsyncIterator[str]:
     yield f"retry: {RECONNECT_MS}\n\n"
     async for event in events:
-        yield ": keep-alive\n\n" if event is None else f"id: {event.id}\nevent: {event.type}\ndata: {event.data}\n\n"
+        if event is None:
+            yield ": keep-alive\n\n"
+        else:  # an event without an id (the end of a stream) leaves the client's last id as it was
+            yield (f"id: {event.id}\n" if event.id else "") + f"event: {event.type}\ndata: {event.data}\n\n"
 
 
 @router.get("/{session_id}/history", responses={404: {}, 503: {}})

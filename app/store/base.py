@@ -229,6 +229,10 @@ class SessionStore(abc.ABC):
     async def active_sessions(self, *, now: float, ttl_seconds: int) -> int: ...
 
     @abc.abstractmethod
+    async def recent_sessions(self, *, now: float, ttl_seconds: int, limit: int) -> list[str]:
+        """Ids of the live sessions that were written to last, newest first."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` unless the store answers."""
 

@@ -317,5 +317,10 @@ class MemoryStore(SessionStore):
                 del self._sessions[session_id]
             return len(self._sessions)
 
+    async def recent_sessions(self, *, now: float, ttl_seconds: int, limit: int) -> list[str]:
+        async with self._lock:
+            live = [(s.updated, sid) for sid, s in self._sessions.items() if s.expires > now]
+            return [sid for _, sid in sorted(live, reverse=True)[:limit]]
+
     async def ping(self) -> None:
         return None

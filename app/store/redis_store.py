@@ -306,6 +306,13 @@ class RedisStore(SessionStore):
         except OUTAGE as error:
             raise StoreUnavailable(str(error)) from error
 
+    async def recent_sessions(self, *, now: float, ttl_seconds: int, limit: int) -> list[str]:
+        try:
+            ids = await self._redis.zrevrangebyscore(self._index, "+inf", now - ttl_seconds, start=0, num=limit)
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+        return [session_id.decode() for session_id in ids]
+
     async def ping(self) -> None:
         try:
             await self._redis.ping()

@@ -1,0 +1,145 @@
+"""``dmft mqtt-bridge`` end to end: a subprocess on the real Mosquitto and the test Redis, fed real watch recordings.
+
+What Home Assistant would see is checked as it would see it: from the broker, by a
+separate MQTT client. The HTTP app on the same Redis prefix reads the sessions back.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+
+from .mqtt_fixtures import Bridge, Watcher, require_broker, running_bridge, unique_prefixes
+from .redis_fixtures import RedisTarget
+from .service_fixtures import HOP, MODALITIES, WINDOW, WatchData
+
+CHUNK = 50  # one second at 50 Hz
+Chunk = dict[str, list[list[float]]]
+
+
+@pytest.fixture(scope="module")
+def watcher() -> Iterator[Watcher]:
+    require_broker()
+    with Watcher(*unique_prefixes()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def bridge(
+    watcher: Watcher, module_redis_target: RedisTarget, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Bridge]:
+    with running_bridge(tmp_path_factory.mktemp("bridge"), module_redis_target, watcher) as running:
+        yield running
+
+
+def _chunks(watch_data: WatchData, recording: int, count: int | None = None) -> list[Chunk]:
+    samples = watch_data.recording_samples(recording)
+    length = len(samples["accelerometer"])
+    chunks = [{name: a[s : s + CHUNK].tolist() for name, a in samples.items()} for s in range(0, length, CHUNK)]
+    return chunks[:count]
+
+
+def _stream(watcher: Watcher, bridge: Bridge, session_id: str, chunks: list[Chunk], first_seq: int = 0) -> None:
+    for seq, chunk in enumerate(chunks, start=first_seq):
+        watcher.publish(f"{bridge.prefix}/{session_id}/samples", {"seq": seq, "modalities": chunk})
+
+
+def _session_over_http(redis: RedisTarget, session_id: str, seq: int) -> dict:
+    """The session as the HTTP app on the same Redis sees it, once the bridge has processed ``seq``."""
+    with TestClient(create_app(redis.settings())) as http:
+        deadline = time.monotonic() + 30
+        while True:
+            response = http.get(f"/v1/sessions/{session_id}")
+            if response.status_code == 200 and response.json()["seq"] >= seq:
+                return response.json()
+            assert time.monotonic() < deadline, f"the bridge did not process seq {seq}: {response.text}"
+            time.sleep(0.1)
+
+
+def test_chunks_over_mqtt_give_state_transition_and_a_session_shared_with_http(
+    bridge: Bridge, watcher: Watcher, watch_data: WatchData, module_redis_target: RedisTarget
+) -> None:
+    recording = watch_data.held_out_recordings()[0]
+    label = watch_data.recording_label(recording)
+    chunks = _chunks(watch_data, recording)
+    _stream(watcher, bridge, "living-room", chunks)
+
+    transition = watcher.wait_for(f"{bridge.prefix}/living-room/transition").json()
+    assert (transition["from"], transition["to"], transition["event_type"]) == ("unknown", label, label)
+    assert (transition["session_id"], transition["window"], transition["model"]) == ("living-room", 0, "student")
+    state = watcher.wait_for(f"{bridge.prefix}/living-room/state", lambda m: m.json()["activity"] == label).json()
+    assert set(state) == {"activity", "confidence", "since", "model", "updated_at"}
+    assert state["since"] == transition["time"] and state["confidence"] == pytest.approx(transition["confidence"])
+
+    session = _session_over_http(module_redis_target, "living-room", len(chunks) - 1)
+    samples = sum(len(chunk["gyroscope"]) for chunk in chunks)
+    assert session["windows"] == (samples - WINDOW) // HOP + 1 and session["activity"] == label
+    assert session["received"] == dict.fromkeys(MODALITIES, samples)
+
+
+def test_a_new_session_is_announced_to_home_assistant_and_again_on_its_birth_message(
+    bridge: Bridge, watcher: Watcher, watch_data: WatchData
+) -> None:
+    _stream(watcher, bridge, "hall.1", _chunks(watch_data, watch_data.held_out_recordings()[1], 1))
+    sensor_topic = f"{bridge.discovery_prefix}/sensor/dmft_hall_1/activity/config"
+    event_topic = f"{bridge.discovery_prefix}/event/dmft_hall_1/transition/config"
+    sensor, event = watcher.wait_for(sensor_topic).json(), watcher.wait_for(event_topic).json()
+    state = watcher.wait_for(f"{bridge.prefix}/hall.1/state").json()
+    assert state["activity"] == "unknown" and state["since"] is None  # no window yet: nothing confirmed
+
+    activities = [*watch_data.class_names, "unknown"]
+    status = f"{bridge.prefix}/bridge/status"
+    assert sensor["state_topic"] == sensor["json_attributes_topic"] == f"{bridge.prefix}/hall.1/state"
+    assert sensor["value_template"] == "{{ value_json.activity }}"
+    assert (sensor["device_class"], sensor["options"]) == ("enum", activities)
+    assert event["state_topic"] == f"{bridge.prefix}/hall.1/transition" and event["event_types"] == activities
+    for config in (sensor, event):
+        assert config["availability_topic"] == status
+        assert (config["payload_available"], config["payload_not_available"]) == ("online", "offline")
+        assert config["device"]["identifiers"] == ["dmft_hall_1"] and config["device"]["sw_version"]
+    assert (sensor["unique_id"], event["unique_id"]) == ("dmft_hall_1_activity", "dmft_hall_1_transition")
+
+    watcher.forget()
+    watcher.publish(f"{bridge.discovery_prefix}/status", "online")  # Home Assistant (re)started
+    assert watcher.wait_for(sensor_topic, timeout=10).json() == sensor
+    assert watcher.wait_for(event_topic, timeout=10).json() == event
+
+
+def test_rejected_chunks_are_published_in_the_error_shape(
+    bridge: Bridge, watcher: Watcher, watch_data: WatchData, module_redis_target: RedisTarget
+) -> None:
+    first, second = _chunks(watch_data, watch_data.held_out_recordings()[2], 2)
+    errors = f"{bridge.prefix}/porch/error"
+    _stream(watcher, bridge, "porch", [first])
+    _stream(watcher, bridge, "porch", [second], first_seq=7)
+    conflict = watcher.wait_for(errors).json()["error"]
+    assert (conflict["code"], conflict["details"]) == ("seq_conflict", [{"expected_seq": 1}])
+
+    watcher.forget()
+    watcher.publish(f"{bridge.prefix}/porch/samples", b'{"seq": 1, "modalities": {"accelerometer": [[1, "x", 2]]}}')
+    invalid = watcher.wait_for(errors).json()["error"]
+    assert invalid["code"] == "invalid_input" and invalid["message"].startswith("modalities.accelerometer[0][1]: ")
+    assert set(invalid) == {"code", "message", "details"}
+
+    _stream(watcher, bridge, "porch", [second], first_seq=1)  # the errors left the session as it was
+    assert _session_over_http(module_redis_target, "porch", 1)["received"] == dict.fromkeys(MODALITIES, 2 * CHUNK)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_the_bridge_leaves_offline_behind_when_it_stops_or_dies(
+    how: signal.Signals, redis_target: RedisTarget, tmp_path: Path
+) -> None:
+    require_broker()
+    with Watcher(*unique_prefixes()) as watcher, running_bridge(tmp_path, redis_target, watcher) as bridge:
+        bridge.process.send_signal(how)
+        status = watcher.wait_for(f"{bridge.prefix}/bridge/status", lambda m: m.payload == b"offline", timeout=20)
+        assert bridge.process.wait(timeout=20) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
+    assert status.payload == b"offline"
+    assert "Traceback" not in bridge.output()
