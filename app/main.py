@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from app.errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
-from app.routes import health, models, predict, sessions
+from app.routes import dashboard, health, models, predict, sessions
 from app.services import open_services
 from app.settings import Settings
 
@@ -36,6 +36,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: it also times the answers of the body limit.
     app.add_middleware(RequestMetricsMiddleware)
-    for router in (predict.router, sessions.router, models.router, health.router):
+    for router in (predict.router, sessions.router, models.router, health.router, dashboard.router):
         app.include_router(router)
     return app

@@ -8,10 +8,12 @@ aggregates them with the multiprocess collector.
 
 from __future__ import annotations
 
+import math
 import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -79,10 +81,51 @@ QUEUE_CAPACITY = Gauge(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for ``/metrics`` and its content type."""
+def _registry() -> CollectorRegistry:
+    """This process's metrics, or every worker's when they share ``PROMETHEUS_MULTIPROC_DIR``."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        return registry
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for ``/metrics`` and its content type."""
+    return generate_latest(_registry()), CONTENT_TYPE_LATEST
+
+
+def bucket_counts(
+    histogram: str, group_by: str | None = None, skip: dict[str, set[str]] | None = None
+) -> dict[str, list[float]]:
+    """Cumulative bucket counts of the latency ``histogram`` (bounds of ``LATENCY_BUCKETS``, then +Inf),
+    summed per value of label ``group_by`` (all under '' without one), leaving out samples whose labels
+    are in ``skip``."""
+    bounds = [*map(float, LATENCY_BUCKETS), math.inf]
+    totals: dict[str, list[float]] = {}
+    for family in _registry().collect():
+        if family.name != histogram:
+            continue
+        for sample in family.samples:
+            if not sample.name.endswith("_bucket"):
+                continue
+            if any(sample.labels.get(label) in values for label, values in (skip or {}).items()):
+                continue
+            group = sample.labels[group_by] if group_by else ""
+            counts = totals.setdefault(group, [0.0] * len(bounds))
+            counts[bounds.index(float(sample.labels["le"]))] += sample.value
+    return totals
+
+
+def quantile(q: float, counts: list[float]) -> float | None:
+    """``histogram_quantile`` over cumulative ``counts`` of ``LATENCY_BUCKETS``: seconds, or None if empty."""
+    total = counts[-1]
+    if total == 0:
+        return None
+    rank = q * total
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in zip(LATENCY_BUCKETS, counts, strict=False):
+        if count >= rank:
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = bound, count
+    return LATENCY_BUCKETS[-1]  # in the +Inf bucket: its lower bound, as Prometheus answers

@@ -60,8 +60,8 @@ class WatchData:
         return self.class_names[int(self.raw["y"][index])]
 
 
-@pytest.fixture(scope="session")
-def watch_data() -> WatchData:
+def load_watch_data() -> WatchData:
+    """The watch dataset split as training splits it, with the raw recordings behind its windows."""
     dataset, recording = build_watch_dataset()
     split = train_test_split(dataset)
     return WatchData(
@@ -71,6 +71,11 @@ def watch_data() -> WatchData:
         held_out_subjects=split.held_out_subjects,
         raw=load_recordings(),
     )
+
+
+@pytest.fixture(scope="session")
+def watch_data() -> WatchData:
+    return load_watch_data()
 
 
 def memory_settings(**overrides: Any) -> Settings:
