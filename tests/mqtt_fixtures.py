@@ -24,7 +24,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from .live_server import dmft_command
+from tools.stack import dmft_command
+
 from .redis_fixtures import RedisTarget
 
 MQTT_HOST = os.environ.get("MQTT_TEST_HOST", "127.0.0.1")

@@ -8,7 +8,6 @@ cannot be reached the tests skip, except on CI (``CI=true``), where that is a fa
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import redis
 from redis.exceptions import RedisError
 
 from app.settings import Settings
+from tools.stack import redis_prefix
 
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
 
@@ -61,26 +61,12 @@ class RedisTarget:
         with self.client() as client:
             return sorted(key.decode() for key in client.scan_iter(match=f"{self.prefix}:*", count=500))
 
-    def cleanup(self) -> None:
-        with self.client() as client:
-            batch: list[bytes] = []
-            for key in client.scan_iter(match=f"{self.prefix}:*", count=500):
-                batch.append(key)
-                if len(batch) >= 500:
-                    client.delete(*batch)
-                    batch.clear()
-            if batch:
-                client.delete(*batch)
-
 
 @contextmanager
 def redis_target_scope(url: str = REDIS_TEST_URL) -> Iterator[RedisTarget]:
     require_redis(url)
-    target = RedisTarget(url=url, prefix=f"dmft-test-{uuid.uuid4().hex}")
-    try:
-        yield target
-    finally:
-        target.cleanup()
+    with redis_prefix(url, "dmft-test") as prefix:
+        yield RedisTarget(url=url, prefix=prefix)
 
 
 @pytest.fixture

@@ -1,76 +1,26 @@
 """Shared pieces of the HTTP service tests: the real watch data, the error shape, metrics, no 500s.
 
-The watch dataset is built once per test session from the recordings shipped in
-``seglearn`` (2 s windows at 50 Hz, hop 1 s) and split by held-out subjects exactly as
-training splits it, so the windows posted here were never trained on.
+The watch dataset (``tools.traffic.load_watch_data``) is built once per test session and
+split by held-out subjects exactly as training splits it, so the windows posted here were
+never trained on.
 """
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
 from app.settings import Settings
-from model.data import WindowDataset, train_test_split
-from model.watch import CHANNELS, build_watch_dataset, load_recordings
+from tools.traffic import WatchData, load_watch_data
 
-MODALITIES = tuple(CHANNELS)  # ("accelerometer", "gyroscope")
 WINDOW = 100  # samples per window of the shipped bundles (2 s at 50 Hz)
 HOP = 50  # samples between session windows (the default hop of 1 s at 50 Hz)
 ERROR_KEYS = {"code", "message", "details"}
-
-Rows = list[list[float]]
-
-
-@dataclass(frozen=True)
-class WatchData:
-    dataset: WindowDataset
-    recording: np.ndarray  # recording index of each window
-    test: np.ndarray  # indices of the held-out windows
-    held_out_subjects: list[int]
-    raw: dict[str, Any]  # seglearn's recordings: X (list of (L, 6)), y, subject, y_labels
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.dataset.class_names
-
-    def window(self, index: int, modalities: tuple[str, ...] = MODALITIES) -> dict[str, Rows]:
-        """Window ``index`` of the dataset as the JSON rows of a request."""
-        return {name: self.dataset.arrays[name][index].tolist() for name in modalities}
-
-    def held_out_recordings(self) -> list[int]:
-        """Recordings of the held-out subjects, shortest first."""
-        subjects = np.asarray(self.raw["subject"])
-        chosen = [i for i in range(len(self.raw["X"])) if int(subjects[i]) in self.held_out_subjects]
-        return sorted(chosen, key=lambda i: len(self.raw["X"][i]))
-
-    def recording_samples(self, index: int) -> dict[str, np.ndarray]:
-        """The raw samples of one recording, per modality: ``(L, 3)`` float64."""
-        series = np.asarray(self.raw["X"][index], dtype=np.float64)
-        return {name: series[:, channels] for name, channels in CHANNELS.items()}
-
-    def recording_label(self, index: int) -> str:
-        return self.class_names[int(self.raw["y"][index])]
-
-
-def load_watch_data() -> WatchData:
-    """The watch dataset split as training splits it, with the raw recordings behind its windows."""
-    dataset, recording = build_watch_dataset()
-    split = train_test_split(dataset)
-    return WatchData(
-        dataset=dataset,
-        recording=recording,
-        test=split.test,
-        held_out_subjects=split.held_out_subjects,
-        raw=load_recordings(),
-    )
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +101,3 @@ def metric_value(samples: list[Sample], name: str, labels: Mapping[str, str] | N
         for sample in samples
         if sample.name == name and all(sample.labels.get(key) == value for key, value in wanted.items())
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -16,9 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from tools.traffic import MODALITIES, WatchData
 
 from .redis_fixtures import RedisTarget
-from .service_fixtures import MODALITIES, WatchData, assert_error, memory_settings
+from .service_fixtures import assert_error, memory_settings
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 

@@ -19,17 +19,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from tools.traffic import MODALITIES, WatchData
 
-from .service_fixtures import (
-    MODALITIES,
-    WINDOW,
-    WatchData,
-    assert_error,
-    assert_no_server_error,
-    memory_settings,
-    metric_value,
-    parse_metrics,
-)
+from .service_fixtures import WINDOW, assert_error, assert_no_server_error, memory_settings, metric_value, parse_metrics
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 

@@ -21,19 +21,11 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tools.stack import free_port
+from tools.traffic import MODALITIES, WatchData
 
 from .redis_fixtures import RedisTarget
-from .service_fixtures import (
-    HOP,
-    MODALITIES,
-    WINDOW,
-    WatchData,
-    assert_error,
-    free_port,
-    memory_settings,
-    metric_value,
-    parse_metrics,
-)
+from .service_fixtures import HOP, WINDOW, assert_error, memory_settings, metric_value, parse_metrics
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 

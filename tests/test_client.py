@@ -28,11 +28,12 @@ from app.client import (
     SessionEvent,
 )
 from app.schemas import Transition
+from tools.stack import Server, free_port, run_service
+from tools.traffic import MODALITIES, WatchData
 
 from .faulty_proxy import FaultyProxy, faulty_proxy
-from .live_server import LiveServer, live_server
 from .redis_fixtures import RedisTarget
-from .service_fixtures import HOP, MODALITIES, WINDOW, WatchData, free_port
+from .service_fixtures import HOP, WINDOW
 
 CHUNK = 50  # samples per chunk: one second at 50 Hz
 # Quick retries: the tests wait for the faults they inject, not for production backoff.
@@ -40,14 +41,14 @@ FAST_RETRY = RetryPolicy(attempts=4, backoff=0.05)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One ``dmft serve`` with in-process sessions for the module; each test uses its own session ids."""
-    with live_server(tmp_path_factory.mktemp("serve")) as running:
+    with run_service(tmp_path_factory.mktemp("serve")) as running:
         yield running
 
 
 @pytest.fixture
-def proxy(server: LiveServer) -> Iterator[FaultyProxy]:
+def proxy(server: Server) -> Iterator[FaultyProxy]:
     with faulty_proxy(server.port) as running:
         yield running
 
@@ -68,7 +69,7 @@ def _chunks(watch_data: WatchData, count: int | None = None) -> list[dict[str, n
     return chunks[:count]
 
 
-def test_predict_batch_and_models_parse_into_the_schemas(server: LiveServer, watch_data: WatchData) -> None:
+def test_predict_batch_and_models_parse_into_the_schemas(server: Server, watch_data: WatchData) -> None:
     windows = [watch_data.window(int(i)) for i in watch_data.test[:3]]
     with _client(server.base) as client:
         models = client.models()
@@ -82,7 +83,7 @@ def test_predict_batch_and_models_parse_into_the_schemas(server: LiveServer, wat
     assert batch[0].probabilities == pytest.approx(one.probabilities, abs=1e-5)
 
 
-def test_stream_numbers_chunks_and_the_session_reads_back(server: LiveServer, watch_data: WatchData) -> None:
+def test_stream_numbers_chunks_and_the_session_reads_back(server: Server, watch_data: WatchData) -> None:
     chunks = _chunks(watch_data)
     origin = datetime(2026, 3, 1, 7, 30, tzinfo=UTC)
     with _client(server.base) as client:
@@ -157,7 +158,10 @@ def test_lost_answer_on_redis_sessions_is_not_doubled(
     redis_target: RedisTarget, tmp_path: Path, watch_data: WatchData
 ) -> None:
     chunks = _chunks(watch_data, 3)
-    with live_server(tmp_path, redis=redis_target) as server, faulty_proxy(server.port) as proxy:
+    with (
+        run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix) as server,
+        faulty_proxy(server.port) as proxy,
+    ):
         with _client(proxy.url) as client:
             stream = client.stream("client-lost-redis")
             responses = [stream.send(chunks[0])]
@@ -218,7 +222,7 @@ def _window_count(chunks: list[dict[str, np.ndarray]]) -> int:
 
 
 def test_events_resume_after_a_cut_connection_without_gaps_or_repeats(
-    server: LiveServer, proxy: FaultyProxy, watch_data: WatchData
+    server: Server, proxy: FaultyProxy, watch_data: WatchData
 ) -> None:
     chunks = _chunks(watch_data)
     received: list[SessionEvent] = []
@@ -253,7 +257,7 @@ def test_events_resume_after_a_cut_connection_without_gaps_or_repeats(
     assert len({e.id for e in received[:-1]}) == len(received) - 1
 
 
-def test_async_events_resume_from_an_id_and_stop_at_the_end(server: LiveServer, watch_data: WatchData) -> None:
+def test_async_events_resume_from_an_id_and_stop_at_the_end(server: Server, watch_data: WatchData) -> None:
     chunks = _chunks(watch_data, 6)
     session_id = "client-events-async"
 

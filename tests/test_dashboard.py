@@ -2,7 +2,7 @@
 
 The endpoint is checked through the API (in process, real held-out watch data). The page is
 checked the way it is used: a real ``dmft serve`` with its sessions in the real Redis, the
-page open in headless Chromium (driven over the DevTools protocol, ``tests/browser.py``),
+page open in headless Chromium (driven over the DevTools protocol, ``tools/cdp.py``),
 sessions streamed through the API while the page stays open, and what the page shows read
 back from its DOM. Chromium missing skips those tests, except on CI (``CI=true``), where it
 is a failure. Screenshots of each browser test are left in its ``tmp_path``.
@@ -25,11 +25,12 @@ from fastapi.testclient import TestClient
 
 from app import metrics
 from app.main import create_app
+from tools.cdp import CHROMIUM, Page, chromium
+from tools.stack import Server, run_service
+from tools.traffic import MODALITIES, WatchData
 
-from .browser import CHROMIUM, Page, chromium
-from .live_server import LiveServer, live_server
 from .redis_fixtures import RedisTarget
-from .service_fixtures import MODALITIES, WatchData, assert_error, memory_settings
+from .service_fixtures import assert_error, memory_settings
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 
@@ -181,8 +182,8 @@ def test_dashboard_page_is_self_contained(client: TestClient) -> None:
 
 
 @pytest.fixture
-def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[LiveServer]:
-    with live_server(tmp_path, redis=redis_target) as running:
+def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Server]:
+    with run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix) as running:
         yield running
 
 
@@ -212,7 +213,7 @@ def cell(session_id: str, field: str) -> str:
     return f"{row(session_id)}?.querySelector('[data-field={js(field)}]').textContent ?? null"
 
 
-def open_dashboard(page: Page, server: LiveServer) -> None:
+def open_dashboard(page: Page, server: Server) -> None:
     page.goto(f"{server.base}/dashboard")
     page.wait_for("document.getElementById('status').dataset.status === 'live'", timeout_s=PAGE_WAIT_S)
     page.evaluate("window.sameDocument = true")  # gone if the page reloads
@@ -223,7 +224,7 @@ def polls(page: Page) -> int:
 
 
 def test_live_page_shows_a_streamed_session_without_reloading(
-    page: Page, server: LiveServer, watch_data: WatchData, tmp_path: Path
+    page: Page, server: Server, watch_data: WatchData, tmp_path: Path
 ) -> None:
     session_id = "wrist-1"
     open_dashboard(page, server)
@@ -275,7 +276,7 @@ def test_live_page_shows_a_streamed_session_without_reloading(
 
 
 def test_live_page_lists_a_hundred_sessions_and_filters_them(
-    page: Page, server: LiveServer, watch_data: WatchData, tmp_path: Path
+    page: Page, server: Server, watch_data: WatchData, tmp_path: Path
 ) -> None:
     open_dashboard(page, server)
     recordings = [watch_data.recording_samples(index) for index in watch_data.held_out_recordings()]
@@ -338,7 +339,7 @@ def test_live_page_reports_an_outage_and_recovers_without_reloading(
     session_id = "wrist-2"
     samples = watch_data.recording_samples(watch_data.held_out_recordings()[1])
     status = "document.getElementById('status')"
-    with live_server(tmp_path, redis=redis_target) as first:
+    with run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix) as first:
         open_dashboard(page, first)
         with httpx.Client(base_url=first.base, timeout=30, trust_env=False) as client:
             send(client, session_id, 0, {name: rows[:250].tolist() for name, rows in samples.items()})
@@ -352,7 +353,7 @@ def test_live_page_reports_an_outage_and_recovers_without_reloading(
         page.screenshot(tmp_path / "reconnecting.png")
 
     # The service comes back on the same address, with the session in Redis: the page picks up again.
-    with live_server(tmp_path, redis=redis_target, port=first.port):
+    with run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix, port=first.port):
         page.wait_for(f"{status}.dataset.status === 'live'", timeout_s=PAGE_WAIT_S)
     assert page.evaluate("window.sameDocument === true")
     assert page.evaluate(f"{row(session_id)} !== null")

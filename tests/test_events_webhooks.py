@@ -22,9 +22,11 @@ import httpx
 import numpy as np
 import pytest
 
-from .live_server import LiveServer, live_server
+from tools.stack import Server, free_port, run_service
+from tools.traffic import MODALITIES, WatchData
+
 from .redis_fixtures import RedisTarget
-from .service_fixtures import MODALITIES, WatchData, free_port, metric_value, parse_metrics
+from .service_fixtures import metric_value, parse_metrics
 
 CHUNK = 150
 RECORDINGS = (114, 74, 9)  # three exercises, as in the activity tests: three transitions
@@ -90,12 +92,12 @@ def send(client: httpx.Client, session_id: str, seq: int, chunk: dict) -> dict:
 
 
 @pytest.fixture
-def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[LiveServer]:
-    with live_server(tmp_path, redis=redis_target, workers=2) as running:
+def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Server]:
+    with run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix, workers=2) as running:
         yield running
 
 
-def test_event_stream_resumes_with_last_event_id(server: LiveServer, exercises: dict[str, np.ndarray]) -> None:
+def test_event_stream_resumes_with_last_event_id(server: Server, exercises: dict[str, np.ndarray]) -> None:
     session_id = "sse-resume"
     pieces = chunks(exercises)
     half = len(pieces) // 2
@@ -189,7 +191,9 @@ def test_webhooks_deliver_every_transition_once_in_order_across_an_outage(
     }
     try:
         with (
-            live_server(tmp_path, redis=redis_target, workers=2, env=env) as server,
+            run_service(
+                tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix, workers=2, env=env
+            ) as server,
             httpx.Client(base_url=server.base, timeout=30, trust_env=False) as client,
         ):
             pieces = chunks(exercises)

@@ -26,13 +26,14 @@ import yaml
 from prometheus_client import REGISTRY
 
 from app.worker import BatchingWorker
-from deploy import render_dashboard, stack
 from model import load_bundle
+from tools import render_dashboard
+from tools.stack import run_prometheus, run_service
+from tools.traffic import WatchData
 
-from .live_server import live_server
 from .prometheus_fixtures import metric_names, promtool, require_prometheus
 from .redis_fixtures import RedisTarget
-from .service_fixtures import WatchData, memory_settings, metric_value, parse_metrics
+from .service_fixtures import memory_settings, metric_value, parse_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -134,10 +135,12 @@ def monitored(
     require_prometheus()
     workdir = tmp_path_factory.mktemp("monitoring")
     # Two workers, as the image runs them: /metrics then goes through the multiprocess collector.
-    with live_server(workdir, redis=module_redis_target, workers=2) as service:
+    with run_service(
+        workdir, redis_url=module_redis_target.url, redis_prefix=module_redis_target.prefix, workers=2
+    ) as service:
         target = f"127.0.0.1:{service.port}"
         with (
-            stack.run_prometheus(workdir / "prometheus", target=target, scrape_interval="1s") as prometheus,
+            run_prometheus(workdir / "prometheus", target=target, scrape_interval="1s") as prometheus,
             httpx.Client(base_url=service.base, timeout=30, trust_env=False) as client,
         ):
             wait_for(prometheus, f'up{{job="{API_JOB}"}}', lambda v: v == [1.0])

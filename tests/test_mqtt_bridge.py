@@ -15,10 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from tools.traffic import MODALITIES, WatchData
 
 from .mqtt_fixtures import Bridge, Watcher, require_broker, running_bridge, unique_prefixes
 from .redis_fixtures import RedisTarget
-from .service_fixtures import HOP, MODALITIES, WINDOW, WatchData
+from .service_fixtures import HOP, WINDOW
 
 CHUNK = 50  # one second at 50 Hz
 Chunk = dict[str, list[list[float]]]

@@ -15,9 +15,10 @@ import pytest
 from app.client import ActivityClient
 from app.replay import load_npz_recording
 from model.data import save_npz
+from tools.stack import Server, dmft_command, run_service
+from tools.traffic import WatchData
 
-from .live_server import LiveServer, dmft_command, live_server
-from .service_fixtures import HOP, WINDOW, WatchData
+from .service_fixtures import HOP, WINDOW
 
 CSV_START = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a CSV in epoch seconds gives the session its clock
 SUMMARY = re.compile(
@@ -27,8 +28,8 @@ SUMMARY = re.compile(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    with live_server(tmp_path_factory.mktemp("serve")) as running:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with run_service(tmp_path_factory.mktemp("serve")) as running:
         yield running
 
 
@@ -74,7 +75,7 @@ def test_npz_windows_are_stitched_back_into_the_recording(watch_data: WatchData,
 
 
 def test_replay_npz_at_max_speed_reports_every_window_and_its_accuracy(
-    server: LiveServer, watch_data: WatchData, tmp_path: Path
+    server: Server, watch_data: WatchData, tmp_path: Path
 ) -> None:
     path, (_, recording) = _held_out_npz(watch_data, tmp_path)
     result = _replay(
@@ -93,7 +94,7 @@ def test_replay_npz_at_max_speed_reports_every_window_and_its_accuracy(
     assert re.search(rf"^transition  unknown -> {label} ", result.stdout, flags=re.M), result.stdout
 
 
-def test_replay_csv_round_trip_keeps_the_csv_clock(server: LiveServer, watch_data: WatchData, tmp_path: Path) -> None:
+def test_replay_csv_round_trip_keeps_the_csv_clock(server: Server, watch_data: WatchData, tmp_path: Path) -> None:
     recording = watch_data.held_out_recordings()[0]
     samples = watch_data.recording_samples(recording)
     path = tmp_path / "recording.csv"
@@ -112,9 +113,7 @@ def test_replay_csv_round_trip_keeps_the_csv_clock(server: LiveServer, watch_dat
     assert state.received == {name: len(rows) for name, rows in samples.items()}
 
 
-def test_replay_at_ten_times_real_time_paces_its_chunks(
-    server: LiveServer, watch_data: WatchData, tmp_path: Path
-) -> None:
+def test_replay_at_ten_times_real_time_paces_its_chunks(server: Server, watch_data: WatchData, tmp_path: Path) -> None:
     samples = watch_data.recording_samples(watch_data.held_out_recordings()[0])
     path = tmp_path / "short.csv"
     _write_csv(path, {name: rows[:300] for name, rows in samples.items()}, 50.0, None, start=0.0)  # 6 s
@@ -153,7 +152,7 @@ def test_replay_refuses_bad_input_in_one_line_with_status_2(
     assert message in result.stderr.strip().splitlines()[-1], result.stderr
 
 
-def test_replay_refuses_what_the_model_cannot_read(server: LiveServer, watch_data: WatchData, tmp_path: Path) -> None:
+def test_replay_refuses_what_the_model_cannot_read(server: Server, watch_data: WatchData, tmp_path: Path) -> None:
     samples = watch_data.recording_samples(watch_data.held_out_recordings()[0])
     slow = tmp_path / "slow.csv"
     _write_csv(slow, {name: rows[::2] for name, rows in samples.items()}, 25.0, None)

@@ -17,9 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .live_server import live_server
+from tools.stack import run_service
+from tools.traffic import WatchData
+
 from .redis_fixtures import RedisTarget
-from .service_fixtures import HOP, WINDOW, WatchData, metric_value, parse_metrics
+from .service_fixtures import HOP, WINDOW, metric_value, parse_metrics
 
 SHUTDOWN_TIMEOUT_S = 20
 PREDICT_REQUESTS = 20
@@ -39,8 +41,12 @@ def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Server]:
     """A running ``dmft serve --workers 2`` on the test Redis (its keys are deleted afterwards)."""
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    with live_server(
-        tmp_path, redis=redis_target, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with run_service(
+        tmp_path,
+        redis_url=redis_target.url,
+        redis_prefix=redis_target.prefix,
+        workers=2,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
     ) as running:
         yield Server(running.base, running.process, running.log, metrics_dir)
 

@@ -14,7 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-UNKNOWN = "unknown"
+from app.tracker import UNKNOWN
+
 ONLINE, OFFLINE = "online", "offline"
 # Home Assistant accepts only these characters in a node id.
 _NODE_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")

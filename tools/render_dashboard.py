@@ -6,7 +6,7 @@ runs every panel's PromQL as a range query (Grafana's ``$__rate_interval`` compu
 Grafana computes it) and lays the panels out on the dashboard's 24-column grid with the
 titles, legends, units and stacking of the JSON.
 
-    python -m deploy.render_dashboard --prometheus http://127.0.0.1:9090 --minutes 30 --out dashboard.png
+    python -m tools.render_dashboard --prometheus http://127.0.0.1:9090 --minutes 30 --out dashboard.png
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-DASHBOARD = Path(__file__).resolve().parent / "grafana" / "dashboards" / "dmft.json"
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards" / "dmft.json"
 GRID_COLUMNS = 24
 WIDTH_IN = 20.0
 ROW_HEIGHT_IN = WIDTH_IN / GRID_COLUMNS * 0.4  # a Grafana grid row is 30 px against a column of about 75 px
