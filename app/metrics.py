@@ -61,6 +61,9 @@ WEBHOOK_DELIVERIES = Counter(
     "Webhook delivery attempts by outcome: delivered, failed (to be retried) or dropped (gave up).",
     ["outcome"],
 )
+# Every outcome is exported from the start, at 0, so that a failure ratio or alert has a series to read.
+for _outcome in ("delivered", "failed", "dropped"):
+    WEBHOOK_DELIVERIES.labels(outcome=_outcome)
 WEBHOOK_LAG = Histogram(
     "dmft_webhook_delivery_lag_seconds",
     "Time from a transition's commit to its webhook's successful delivery.",

@@ -7,15 +7,12 @@ signature, and that is taken down for a while and brought back.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,13 +21,13 @@ import pytest
 
 from tools.stack import Server, free_port, run_service
 from tools.traffic import MODALITIES, WatchData
+from tools.webhook_receiver import Receiver
 
 from .redis_fixtures import RedisTarget
 from .service_fixtures import metric_value, parse_metrics
 
 CHUNK = 150
 RECORDINGS = (114, 74, 9)  # three exercises, as in the activity tests: three transitions
-SECRET = "test-secret-0123456789"
 WAIT_S = 30
 
 
@@ -132,46 +129,6 @@ def test_event_stream_resumes_with_last_event_id(server: Server, exercises: dict
     assert (end.type, end.data["session_id"]) == ("end", session_id)
 
 
-@dataclass
-class Receiver:
-    """A webhook endpoint on loopback: checks each signature, records each event."""
-
-    port: int
-    received: list[dict] = field(default_factory=list)
-    bad_signatures: int = 0
-    _server: ThreadingHTTPServer | None = None
-
-    def start(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                timestamp = self.headers["X-DMFT-Timestamp"]
-                expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-                if not hmac.compare_digest(self.headers["X-DMFT-Signature"], f"sha256={expected}"):
-                    receiver.bad_signatures += 1
-                    self.send_response(401)
-                else:
-                    event = json.loads(body)
-                    assert event["event_id"] == self.headers["X-DMFT-Event-Id"]
-                    receiver.received.append(event)
-                    self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-
 def wait_for(condition: object, what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():  # type: ignore[operator]
@@ -185,7 +142,7 @@ def test_webhooks_deliver_every_transition_once_in_order_across_an_outage(
     receiver = Receiver(free_port())
     receiver.start()
     env = {
-        "DMFT_WEBHOOKS": json.dumps([{"url": f"http://127.0.0.1:{receiver.port}/hooks/activity", "secret": SECRET}]),
+        **receiver.settings_env(),
         "DMFT_WEBHOOK_INITIAL_BACKOFF_SECONDS": "0.2",
         "DMFT_WEBHOOK_MAX_BACKOFF_SECONDS": "1",
     }

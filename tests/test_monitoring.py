@@ -30,6 +30,7 @@ from model import load_bundle
 from tools import render_dashboard
 from tools.stack import run_prometheus, run_service
 from tools.traffic import WatchData
+from tools.webhook_receiver import receiving
 
 from .prometheus_fixtures import metric_names, promtool, require_prometheus
 from .redis_fixtures import RedisTarget
@@ -134,22 +135,29 @@ def monitored(
     """The service and Prometheus scraping it, after two rounds of traffic that Prometheus has seen."""
     require_prometheus()
     workdir = tmp_path_factory.mktemp("monitoring")
-    # Two workers, as the image runs them: /metrics then goes through the multiprocess collector.
-    with run_service(
-        workdir, redis_url=module_redis_target.url, redis_prefix=module_redis_target.prefix, workers=2
-    ) as service:
-        target = f"127.0.0.1:{service.port}"
-        with (
-            run_prometheus(workdir / "prometheus", target=target, scrape_interval="1s") as prometheus,
-            httpx.Client(base_url=service.base, timeout=30, trust_env=False) as client,
-        ):
-            wait_for(prometheus, f'up{{job="{API_JOB}"}}', lambda v: v == [1.0])
-            drive(client, watch_data, "a")
-            wait_until_scraped(client, prometheus)
-            drive(client, watch_data, "b")
-            wait_until_scraped(client, prometheus)
-            exported = frozenset(sample.name for sample in parse_metrics(client.get("/metrics").text))
-            yield Stack(prometheus, target, exported)
+    with (
+        # A webhook receiver, so that the transitions of the session traffic are delivered and measured.
+        receiving() as receiver,
+        # Two workers, as the image runs them: /metrics then goes through the multiprocess collector.
+        run_service(
+            workdir,
+            redis_url=module_redis_target.url,
+            redis_prefix=module_redis_target.prefix,
+            workers=2,
+            env=receiver.settings_env(),
+        ) as service,
+        run_prometheus(workdir / "prometheus", target=f"127.0.0.1:{service.port}", scrape_interval="1s") as prometheus,
+        httpx.Client(base_url=service.base, timeout=30, trust_env=False) as client,
+    ):
+        wait_for(prometheus, f'up{{job="{API_JOB}"}}', lambda v: v == [1.0])
+        drive(client, watch_data, "a")
+        wait_until_scraped(client, prometheus)
+        drive(client, watch_data, "b")
+        wait_until_scraped(client, prometheus)
+        # Each round's session enters its exercise: both transitions reach the receiver.
+        wait_for(prometheus, 'sum(dmft_webhook_deliveries_total{outcome="delivered"})', lambda v: v == [2.0])
+        exported = frozenset(sample.name for sample in parse_metrics(client.get("/metrics").text))
+        yield Stack(prometheus, f"127.0.0.1:{service.port}", exported)
 
 
 # --- promtool ----------------------------------------------------------------------------------

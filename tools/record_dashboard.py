@@ -9,7 +9,9 @@ for a few minutes (``tools.traffic``), then draws the Grafana dashboard from tha
   start over with the next recording when theirs ends (one stale ``seq`` each: a 409);
 - clients posting single windows to the student, the teacher and the cascade, batches,
   windows with one sensor missing, and now and then a malformed window (a 422);
-- a burst of concurrent teacher requests in the middle, where batches grow and windows queue.
+- a burst of concurrent teacher requests in the middle, where batches grow and windows queue;
+- a webhook receiver on loopback for the sessions' transitions, down during the burst: its
+  deliveries fail, are retried with backoff and arrive late once it is back.
 
     OMP_NUM_THREADS=1 python -m tools.record_dashboard --seconds 180 --out docs/grafana-dashboard.png
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from tools.render_dashboard import render
 from tools.stack import redis_prefix, run_prometheus, run_service
 from tools.traffic import Posters, Sessions, Traffic, WatchData, load_watch_data
+from tools.webhook_receiver import Receiver, receiving
 
 log = logging.getLogger("record_dashboard")
 
@@ -43,15 +46,19 @@ CLIENTS = Posters(
     missing_share=0.1,
 )
 BURST = Posters(clients=8, models=("teacher",), pause_s=0.0)  # back to back: batches form while a forward pass runs
+# Retries at most 5 s apart, so that the receiver's return shows within the run.
+WEBHOOK_BACKOFF = {"DMFT_WEBHOOK_INITIAL_BACKOFF_SECONDS": "0.5", "DMFT_WEBHOOK_MAX_BACKOFF_SECONDS": "5"}
 
 
-def drive(base: str, watch: WatchData, seconds: float) -> None:
-    """Steady sessions and clients for ``seconds``, with the burst in the middle fifth."""
+def drive(base: str, watch: WatchData, seconds: float, receiver: Receiver) -> None:
+    """Steady sessions and clients for ``seconds``, with the burst and the receiver's outage in the middle fifth."""
     with Traffic(base, watch, sessions=SESSIONS, posters=CLIENTS):
         time.sleep(seconds * 0.4)
-        log.info("burst of %d concurrent teacher clients", BURST.clients)
+        log.info("burst of %d concurrent teacher clients; webhook receiver down", BURST.clients)
+        receiver.stop()
         with Traffic(base, watch, posters=BURST, seed=1):
             time.sleep(seconds * 0.2)
+        receiver.start()
         time.sleep(seconds * 0.4)
 
 
@@ -60,15 +67,23 @@ def record(out: Path, *, seconds: float, redis_url: str, scrape_interval_s: int)
     with (
         tempfile.TemporaryDirectory(prefix="dmft-record-") as tmp,
         redis_prefix(redis_url, "dmft-record") as prefix,
+        receiving() as receiver,
         # Two workers and traced models, as the image runs them.
-        run_service(Path(tmp), redis_url=redis_url, redis_prefix=prefix, workers=2, compile_models=True) as service,
+        run_service(
+            Path(tmp),
+            redis_url=redis_url,
+            redis_prefix=prefix,
+            workers=2,
+            compile_models=True,
+            env={**receiver.settings_env(), **WEBHOOK_BACKOFF},
+        ) as service,
         run_prometheus(
             Path(tmp) / "prometheus", target=f"127.0.0.1:{service.port}", scrape_interval=f"{scrape_interval_s}s"
         ) as prometheus,
     ):
         started = time.time()
         log.info("service %s, Prometheus %s: driving traffic for %.0f s", service.base, prometheus, seconds)
-        drive(service.base, watch, seconds)
+        drive(service.base, watch, seconds, receiver)
         time.sleep(2 * scrape_interval_s)  # the last requests reach Prometheus
         render(prometheus, out, start=started, end=time.time(), scrape_interval_s=scrape_interval_s)
     log.info("wrote %s", out)
