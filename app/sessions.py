@@ -276,7 +276,10 @@ class SessionService:
         return events
 
     async def state(self, session_id: str) -> SessionState:
-        snapshot = await self._snapshot(session_id)
+        return self._state(session_id, await self._snapshot(session_id))
+
+    @staticmethod
+    def _state(session_id: str, snapshot: SessionSnapshot) -> SessionState:
         tracker = TrackerState.from_dict(snapshot.tracker)
         return SessionState(
             session_id=session_id,
@@ -356,32 +359,11 @@ class SessionService:
         for session_id, snapshot in zip(ids, snapshots, strict=True):
             if snapshot is None:  # ended between the two reads
                 continue
-            tracker = TrackerState.from_dict(snapshot.tracker)
-            recent = [WindowPrediction.model_validate(p) for p in snapshot.predictions]
-            sessions.append(
-                SessionSummary(
-                    session_id=session_id,
-                    model=snapshot.model,
-                    modalities=list(snapshot.layout.modalities),
-                    activity=tracker.activity,
-                    confidence=tracker.confidence,
-                    since=_timestamp(tracker.since) if tracker.since is not None else None,
-                    updated_at=_timestamp(snapshot.updated),
-                    windows=snapshot.windows,
-                    last_window=recent[-1] if recent else None,
-                )
-            )
-            items += [
-                FeedItem(
-                    session_id=session_id,
-                    window=p.window,
-                    activity=p.activity,
-                    confidence=p.confidence,
-                    model=p.model,
-                    end_time=p.end_time,
-                )
-                for p in recent[-feed:]
-            ]
+            state = self._state(session_id, snapshot)
+            last_window = state.recent[-1] if state.recent else None
+            # The summary is the fields of the state it names, plus the last window.
+            sessions.append(SessionSummary.model_validate({**dict(state), "last_window": last_window}))
+            items += [FeedItem.model_validate({**dict(p), "session_id": session_id}) for p in state.recent[-feed:]]
         items.sort(key=lambda item: item.end_time, reverse=True)
         return count, sessions, items[:feed]
 
