@@ -74,7 +74,8 @@ class SessionService:
             predictions=settings.recent_predictions,
             events=settings.retained_events,
             segments=settings.retained_segments,
-            outbox=settings.outbox_size,
+            # Without webhook targets nobody reads the outbox: transitions are not queued at all.
+            outbox=settings.outbox_size if settings.webhooks else 0,
         )
 
     def _unavailable(self, error: StoreUnavailable) -> ApiError:

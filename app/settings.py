@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     recent_predictions: int = Field(default=50, ge=1, description="Predictions kept per session.")
     retained_events: int = Field(default=1000, ge=1, description="Events kept per session for SSE resumption.")
     retained_segments: int = Field(default=1000, ge=1, description="Closed activity segments kept per session.")
-    outbox_size: int = Field(default=100_000, ge=1, description="Transitions kept for webhook delivery, in all.")
+    outbox_size: int = Field(default=100_000, ge=1, description="Transitions queued for webhook delivery, in all.")
     sse_keepalive_seconds: float = Field(default=15.0, gt=0, description="Comment sent on an idle event stream.")
     max_buffer_seconds: float = Field(
         default=120.0, gt=0, description="Samples a session may hold per modality ahead of a full window."

@@ -880,6 +880,10 @@ def test_transitions_of_every_session_reach_the_outbox_in_commit_order(make_stor
         # The outbox outlives the session: a transition is delivered even after the session ends.
         assert await store.delete("s1")
         assert len(await store.read_outbox("0-0", limit=10, wait_seconds=0.01)) == 3
+        # An outbox that keeps nothing (no webhook targets) queues nothing.
+        nothing = Retention(predictions=KEEP, events=100, segments=100, outbox=0)
+        d = await commit(store, 1, 1, session_id="s2", events=events_of("t1"), retention=nothing)
+        assert d.event_ids and len(await store.read_outbox("0-0", limit=10, wait_seconds=0.01)) == 3
 
     run(make_store, scenario)
 
@@ -896,5 +900,12 @@ def test_delivery_lease_and_cursor(make_store: StoreFactory) -> None:
         # The lease lapsed: another owner takes over from the cursor, and the old one may not move it.
         assert await store.hold_delivery("hook", "owner-b", lease_seconds=0.5) == "17-0"
         assert not await store.advance_delivery("hook", "owner-a", "19-0")
+        # A target first seen when the outbox holds transitions starts after them, not with the backlog.
+        await append(store, 0, one_sample_each(count=4))
+        committed = await commit(store, 0, 1, events=events_of("t0"))
+        [queued] = await store.read_outbox("0-0", limit=10, wait_seconds=0.01)
+        assert queued.event_id == committed.event_ids[0]
+        assert await store.hold_delivery("new-hook", "owner-a", lease_seconds=0.5) == queued.id
+        assert await store.hold_delivery("new-hook", "owner-a", lease_seconds=0.5) == queued.id  # kept
 
     run(make_store, scenario)

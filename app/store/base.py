@@ -87,7 +87,7 @@ class Retention:
     predictions: int  # newest predictions kept per session
     events: int  # newest events kept per session
     segments: int  # newest closed segments kept per session
-    outbox: int  # newest transitions kept for delivery, all sessions together
+    outbox: int  # newest transitions kept for delivery, all sessions together; 0: none are queued
 
 
 @dataclass
@@ -216,7 +216,8 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
         """Take or renew ``owner``'s lease on delivering to ``target``; the target's cursor (the last
-        outbox id delivered, '0-0' at first) if held, None when another owner holds it."""
+        outbox id delivered) if held, None when another owner holds it. A target seen for the first time
+        starts at the outbox's newest entry: it gets the transitions from then on, not the backlog."""
 
     @abc.abstractmethod
     async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:

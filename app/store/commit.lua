@@ -1,6 +1,7 @@
 -- Commit classified windows, if no other process committed them first: a compare-and-set on the
 -- session's next uncommitted window. On success record the predictions, store the tracker state,
--- append the events to the session's log (transitions also to the shared outbox) and the closed
+-- append the events to the session's log (transitions also to the shared outbox, unless it keeps
+-- none: no webhook targets) and the closed
 -- segments to its history, then drop the samples no window still needs.
 -- KEYS: meta hash, buffer hash, predictions zset (members '<window>:<json>'), events stream,
 --   history list, outbox stream.
@@ -45,7 +46,7 @@ local reply = {'ok', ''}
 for j = segments_at + tonumber(ARGV[segments_at]) + 1, #ARGV, 2 do
   local kind, data = ARGV[j], ARGV[j + 1]
   local id = redis.call('XADD', events, 'MAXLEN', ARGV[5], '*', 'type', kind, 'data', data)
-  if kind == 'transition' then
+  if kind == 'transition' and tonumber(ARGV[7]) > 0 then
     redis.call('XADD', outbox, 'MAXLEN', ARGV[7], '*', 'session', ARGV[8], 'event', id, 'data', data)
   end
   reply[#reply + 1] = id

@@ -36,6 +36,11 @@ class _Ids:
         return f"{self.last[0]}-{self.last[1]}"
 
 
+def _keep_newest(log: deque, keep: int) -> None:
+    while len(log) > keep:
+        log.popleft()
+
+
 def _after(entries: deque, after: str) -> list:
     position = parse_event_id(after)
     return [entry for entry in entries if parse_event_id(entry.id) > position]
@@ -210,16 +215,12 @@ class MemoryStore(SessionStore):
                 stored = Event(event.type, event.data, self._ids.next())
                 session.events.append(stored)
                 event_ids.append(stored.id)
-                if event.type == "transition":
+                if event.type == "transition" and retention.outbox > 0:
                     self._outbox.append(OutboxEntry(self._ids.next(), session_id, stored.id, event.data))
+                    _keep_newest(self._outbox, retention.outbox)
             session.history.extend(segments)
-            for log, keep in (
-                (session.events, retention.events),
-                (session.history, retention.segments),
-                (self._outbox, retention.outbox),
-            ):
-                while len(log) > keep:
-                    log.popleft()
+            _keep_newest(session.events, retention.events)
+            _keep_newest(session.history, retention.segments)
             session.expires = time.time() + ttl_seconds
             if events:
                 self._changed.notify_all()
@@ -295,7 +296,7 @@ class MemoryStore(SessionStore):
             if holder != owner and expires > now:
                 return None
             self._leases[target] = (owner, now + lease_seconds)
-            return self._cursors.get(target, "0-0")
+            return self._cursors.setdefault(target, self._outbox[-1].id if self._outbox else "0-0")
 
     async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
         async with self._lock:

@@ -47,11 +47,18 @@ OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_WAIT_SECONDS = 30.0  # longest blocking read
 END_LINGER_MS = 60_000  # how long an ended session's log keeps its 'end' event
 # Renew a lease only for its holder, and move a cursor only while holding the lease.
+# A target's first cursor is the outbox's newest entry: it gets transitions from then on, not the backlog.
 HOLD_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('GET', KEYS[2]) or '0-0'
+local cursor = redis.call('GET', KEYS[2])
+if not cursor then
+  local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+  cursor = newest[1] and newest[1][1] or '0-0'
+  redis.call('SET', KEYS[2], cursor)
+end
+return cursor
 """
 # Ending a session leaves one 'end' event in its log, briefly, to wake its blocked event readers.
 DELETE_SCRIPT = """
@@ -277,7 +284,9 @@ class RedisStore(SessionStore):
 
     async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
         try:
-            cursor = await self._hold(keys=self._delivery_keys(target), args=[owner, int(lease_seconds * 1000)])
+            cursor = await self._hold(
+                keys=[*self._delivery_keys(target), self._outbox], args=[owner, int(lease_seconds * 1000)]
+            )
         except OUTAGE as error:
             raise StoreUnavailable(str(error)) from error
         return cursor.decode() if cursor else None
