@@ -131,6 +131,12 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+def _require_zone(name: str, value: datetime) -> None:
+    """The service reads times with a zone only: a naive one would be a guess."""
+    if value.tzinfo is None:
+        raise ValueError(f"{name} must carry a time zone (e.g. datetime.now(UTC))")
+
+
 def _rows(modalities: Modalities) -> dict[str, Any]:
     return {name: rows.tolist() if isinstance(rows, np.ndarray) else rows for name, rows in modalities.items()}
 
@@ -286,8 +292,7 @@ class _Api:
     ) -> _Call[SamplesResponse]:
         body: dict[str, Any] = {"seq": seq, "modalities": _rows(modalities), "model": model}
         if timestamp is not None:
-            if timestamp.tzinfo is None:
-                raise ValueError("timestamp must carry a time zone (e.g. datetime.now(UTC))")
+            _require_zone("timestamp", timestamp)
             body["timestamp"] = timestamp.isoformat()
         return _Call("POST", self._session_path(session_id, "/samples"), _reader(SamplesResponse), body)
 
@@ -295,6 +300,9 @@ class _Api:
         return _Call("GET", self._session_path(session_id), _reader(SessionState))
 
     def _history(self, session_id: str, since: datetime | None, until: datetime | None) -> _Call[History]:
+        for name, value in (("since", since), ("until", until)):
+            if value is not None:
+                _require_zone(name, value)
         params = {key: value.isoformat() for key, value in (("since", since), ("until", until)) if value is not None}
         return _Call("GET", self._session_path(session_id, "/history"), _reader(History), params=params)
 

@@ -45,7 +45,7 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     store = build_store(settings)
     webhooks = WebhookDispatcher(store, settings)
     engine.start()
-    webhooks.start()
+    await webhooks.start()
     log.info("serving with %s session store, %d webhook target(s)", type(store).__name__, len(settings.webhooks))
     try:
         yield Services(settings, engine, store, SessionService(store, engine, settings))

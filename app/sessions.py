@@ -74,8 +74,7 @@ class SessionService:
             predictions=settings.recent_predictions,
             events=settings.retained_events,
             segments=settings.retained_segments,
-            # Without webhook targets nobody reads the outbox: transitions are not queued at all.
-            outbox=settings.outbox_size if settings.webhooks else 0,
+            outbox=settings.outbox_size,
         )
 
     def _unavailable(self, error: StoreUnavailable) -> ApiError:
@@ -236,6 +235,7 @@ class SessionService:
                     session_id,
                     first,
                     [p.model_dump(mode="json") for p in pending],
+                    generation=result.generation,
                     tracker=update.state.to_dict(),
                     events=self._events(session_id, pending, transitions, update.confirmed_at),
                     segments=[vars(segment) for segment in update.closed_segments],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, AnyHttpUrl, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, AnyHttpUrl, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SHIPPED_BUNDLES = Path(__file__).resolve().parent.parent / "model" / "weights"
@@ -67,8 +67,18 @@ class Settings(BaseSettings):
     webhook_initial_backoff_seconds: float = Field(default=0.5, gt=0, description="First retry delay; doubles.")
     webhook_max_backoff_seconds: float = Field(default=60.0, gt=0, description="Longest delay between retries.")
     webhook_give_up_seconds: float = Field(
-        default=3600.0, gt=0, description="An event failing this long is dropped (counted) and delivery moves on."
+        default=3600.0,
+        gt=0,
+        description="An event still failing this long after its transition is dropped (counted); delivery moves on.",
     )
     webhook_lease_seconds: float = Field(
         default=10.0, gt=0, description="One API process delivers per target; another takes over after this."
     )
+
+    @model_validator(mode="after")
+    def _webhook_attempts_fit_in_the_lease(self) -> Settings:
+        # A POST starts only right after the lease is renewed; it must end before the lease can pass
+        # to another process, or that process could send the next event first.
+        if self.webhook_timeout_seconds >= self.webhook_lease_seconds:
+            raise ValueError("webhook_timeout_seconds must be shorter than webhook_lease_seconds")
+        return self

@@ -150,12 +150,22 @@ def test_history_and_events_of_unknown_session_are_404(client: TestClient) -> No
         assert_error(response, 404, "session_not_found")
 
 
-def test_malformed_last_event_id_is_rejected(client: TestClient, exercises: Any) -> None:
+@pytest.mark.parametrize("last_event_id", ["yesterday", "12", "1-2-3", f"{2**64}-0", f"1-{2**64}"])
+def test_malformed_last_event_id_is_rejected(client: TestClient, exercises: Any, last_event_id: str) -> None:
     samples, _, _ = exercises
     session_id = f"bad-id-{uuid.uuid4().hex[:8]}"
     stream(client, session_id, {n: a[:10] for n, a in samples.items()})
-    response = client.get(f"/v1/sessions/{session_id}/events", headers={"Last-Event-ID": "yesterday"})
+    response = client.get(f"/v1/sessions/{session_id}/events", headers={"Last-Event-ID": last_event_id})
     assert_error(response, 422, "invalid_input")
+
+
+def test_history_times_need_a_zone(client: TestClient, exercises: Any) -> None:
+    samples, _, _ = exercises
+    session_id = f"naive-{uuid.uuid4().hex[:8]}"
+    stream(client, session_id, {n: a[:10] for n, a in samples.items()})
+    for name in ("since", "until"):
+        response = client.get(f"/v1/sessions/{session_id}/history", params={name: "2026-01-01T08:00:00"})
+        assert_error(response, 422, "invalid_input")
 
 
 def test_required_windows_are_configurable(exercises: Any, watch_data: WatchData) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -344,7 +345,7 @@ def test_live_page_reports_an_outage_and_recovers_without_reloading(
         with httpx.Client(base_url=first.base, timeout=30, trust_env=False) as client:
             send(client, session_id, 0, {name: rows[:250].tolist() for name, rows in samples.items()})
         page.wait_for(f"{row(session_id)} !== null", timeout_s=PAGE_WAIT_S)
-        first.process.kill()
+        os.killpg(first.process.pid, signal.SIGKILL)  # the service crashes, workers and all
         first.process.wait()
         page.wait_for(f"{status}.dataset.status === 'reconnecting'", timeout_s=PAGE_WAIT_S)
         text = page.evaluate(f"{status}.textContent")

@@ -6,6 +6,7 @@ separate MQTT client. The HTTP app on the same Redis prefix reads the sessions b
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.mqtt.discovery import Topics
 from tools.traffic import MODALITIES, WatchData
 
 from .mqtt_fixtures import Bridge, Watcher, require_broker, running_bridge, unique_prefixes
@@ -89,8 +91,9 @@ def test_a_new_session_is_announced_to_home_assistant_and_again_on_its_birth_mes
     bridge: Bridge, watcher: Watcher, watch_data: WatchData
 ) -> None:
     _stream(watcher, bridge, "hall.1", _chunks(watch_data, watch_data.held_out_recordings()[1], 1))
-    sensor_topic = f"{bridge.discovery_prefix}/sensor/dmft_hall_1/activity/config"
-    event_topic = f"{bridge.discovery_prefix}/event/dmft_hall_1/transition/config"
+    node = "dmft_hall_1_e59b34d3"  # readable, plus a digest of the id: "hall.1" and "hall:1" stay apart
+    sensor_topic = f"{bridge.discovery_prefix}/sensor/{node}/activity/config"
+    event_topic = f"{bridge.discovery_prefix}/event/{node}/transition/config"
     sensor, event = watcher.wait_for(sensor_topic).json(), watcher.wait_for(event_topic).json()
     state = watcher.wait_for(f"{bridge.prefix}/hall.1/state").json()
     assert state["activity"] == "unknown" and state["since"] is None  # no window yet: nothing confirmed
@@ -104,8 +107,8 @@ def test_a_new_session_is_announced_to_home_assistant_and_again_on_its_birth_mes
     for config in (sensor, event):
         assert config["availability_topic"] == status
         assert (config["payload_available"], config["payload_not_available"]) == ("online", "offline")
-        assert config["device"]["identifiers"] == ["dmft_hall_1"] and config["device"]["sw_version"]
-    assert (sensor["unique_id"], event["unique_id"]) == ("dmft_hall_1_activity", "dmft_hall_1_transition")
+        assert config["device"]["identifiers"] == [node] and config["device"]["sw_version"]
+    assert (sensor["unique_id"], event["unique_id"]) == (f"{node}_activity", f"{node}_transition")
 
     watcher.forget()
     watcher.publish(f"{bridge.discovery_prefix}/status", "online")  # Home Assistant (re)started
@@ -144,3 +147,9 @@ def test_the_bridge_leaves_offline_behind_when_it_stops_or_dies(
         assert bridge.process.wait(timeout=20) == (0 if how == signal.SIGTERM else -signal.SIGKILL)
     assert status.payload == b"offline"
     assert "Traceback" not in bridge.output()
+
+
+def test_session_ids_that_differ_only_in_unsafe_characters_get_distinct_nodes() -> None:
+    nodes = {Topics().node(session_id) for session_id in ("kitchen.1", "kitchen:1", "kitchen_1", "kitchen-1")}
+    assert len(nodes) == 4
+    assert all(re.fullmatch(r"dmft_kitchen[_-]1_[0-9a-f]{8}", node) for node in nodes)

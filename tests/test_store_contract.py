@@ -136,12 +136,19 @@ async def commit(
         session_id,
         first,
         predictions,
+        generation=await generation_of(store, session_id),
         tracker=tracker(first + count, tag),
         events=events or [],
         segments=segments or [],
         retention=retention or Retention(predictions=keep, events=100, segments=100, outbox=100),
         ttl_seconds=ttl_seconds,
     )
+
+
+async def generation_of(store: SessionStore, session_id: str) -> str:
+    """The session's generation as ``append`` hands it out (any string for a session that doesn't exist)."""
+    snapshot = await store.get(session_id)
+    return snapshot.generation if snapshot else "no session"
 
 
 def tracker(next_window: int, tag: str = "") -> dict:
@@ -491,6 +498,36 @@ def test_commit_keeps_newest_predictions_in_window_order(make_store: StoreFactor
     run(make_store, scenario)
 
 
+def test_commit_after_the_session_started_again_records_nothing(make_store: StoreFactory) -> None:
+    """Windows handed out by a session that ended are never recorded in a new one under the same id."""
+
+    async def scenario(store: SessionStore) -> None:
+        old = await append(store, 0, one_sample_each(count=6))
+        assert await store.delete("s1")
+        new = await append(store, 0, one_sample_each(count=10))
+        assert new.generation != old.generation
+        late = await store.commit(
+            "s1",
+            old.first_window,
+            [prediction(0, "-old"), prediction(1, "-old")],
+            generation=old.generation,
+            tracker=tracker(2, "-old"),
+            events=events_of("p0", "t0"),
+            segments=[{"segment": "old"}],
+            retention=Retention(predictions=KEEP, events=10, segments=10, outbox=10),
+            ttl_seconds=TTL,
+        )
+        assert (late.recorded, late.stale) == ([], False)
+        snapshot = await store.get("s1")
+        assert snapshot is not None
+        assert (snapshot.windows, snapshot.predictions, snapshot.tracker) == (0, [], None)
+        assert (await store.read_events("s1", "0-0", wait_seconds=0.01)).events == []
+        assert await store.history("s1") == []
+        assert (await commit_pending(store, new)).recorded == [0, 1, 2, 3]
+
+    run(make_store, scenario)
+
+
 @pytest.mark.parametrize("how", ["never started", "deleted"])
 def test_commit_for_missing_session_records_nothing(make_store: StoreFactory, how: str) -> None:
     async def scenario(store: SessionStore) -> None:
@@ -727,6 +764,7 @@ def test_redis_commit_equal_predictions_of_different_windows(redis_target: Redis
             "s1",
             0,
             [same, same, same],
+            generation=pending.generation,
             tracker={},
             events=[],
             segments=[],
@@ -866,46 +904,54 @@ def test_transitions_of_every_session_reach_the_outbox_in_commit_order(make_stor
     async def scenario(store: SessionStore) -> None:
         for session_id in ("s1", "s2"):
             await append(store, 0, one_sample_each(count=8), session_id=session_id)
+        # Until webhook delivery opens the outbox, nothing is queued.
+        early = await commit(store, 0, 1, session_id="s2", events=events_of("t0"))
+        assert early.event_ids
+        assert await store.read_outbox("0-0", limit=10, wait_seconds=0.01) == []
+        await store.open_outbox()
         a = await commit(store, 0, 2, session_id="s1", events=events_of("p0", "t0", "p1"))
-        b = await commit(store, 0, 1, session_id="s2", events=events_of("t0"))
+        b = await commit(store, 1, 1, session_id="s2", events=events_of("t1"))
         c = await commit(store, 2, 1, session_id="s1", events=events_of("t2"))
         entries = await store.read_outbox("0-0", limit=10, wait_seconds=0.01)
         assert [(e.session_id, e.event_id, e.data) for e in entries] == [
             ("s1", a.event_ids[1], events_of("t0")[0].data),
-            ("s2", b.event_ids[0], events_of("t0")[0].data),
+            ("s2", b.event_ids[0], events_of("t1")[0].data),
             ("s1", c.event_ids[0], events_of("t2")[0].data),
         ]
         assert [e.id for e in await store.read_outbox(entries[0].id, limit=1, wait_seconds=0.01)] == [entries[1].id]
         assert await store.read_outbox(entries[-1].id, limit=10, wait_seconds=0.01) == []
+        # Opening it again (another process starting) keeps what it holds.
+        await store.open_outbox()
+        assert await store.read_outbox("0-0", limit=10, wait_seconds=0.01) == entries
         # The outbox outlives the session: a transition is delivered even after the session ends.
         assert await store.delete("s1")
-        assert len(await store.read_outbox("0-0", limit=10, wait_seconds=0.01)) == 3
-        # An outbox that keeps nothing (no webhook targets) queues nothing.
-        nothing = Retention(predictions=KEEP, events=100, segments=100, outbox=0)
-        d = await commit(store, 1, 1, session_id="s2", events=events_of("t1"), retention=nothing)
-        assert d.event_ids and len(await store.read_outbox("0-0", limit=10, wait_seconds=0.01)) == 3
+        assert await store.read_outbox("0-0", limit=10, wait_seconds=0.01) == entries
+        # And it keeps the newest ``retention.outbox``.
+        small = Retention(predictions=KEEP, events=100, segments=100, outbox=2)
+        d = await commit(store, 2, 1, session_id="s2", events=events_of("t2"), retention=small)
+        assert [e.event_id for e in await store.read_outbox("0-0", limit=10, wait_seconds=0.01)] == [
+            c.event_ids[0],
+            d.event_ids[0],
+        ]
 
     run(make_store, scenario)
 
 
 def test_delivery_lease_and_cursor(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
-        assert await store.hold_delivery("hook", "owner-a", lease_seconds=0.5) == "0-0"
-        assert await store.hold_delivery("hook", "owner-b", lease_seconds=0.5) is None
+        async def hold(target: str, owner: str) -> str | None:
+            return await store.hold_delivery(target, owner, lease_seconds=0.5, start_after="5-0")
+
+        # A target without a cursor starts where it is told: not with a backlog queued for others.
+        assert await hold("hook", "owner-a") == "5-0"
+        assert await hold("hook", "owner-b") is None
         assert await store.advance_delivery("hook", "owner-a", "17-0")
         assert not await store.advance_delivery("hook", "owner-b", "18-0")
-        assert await store.hold_delivery("hook", "owner-a", lease_seconds=0.5) == "17-0"  # renewed
-        assert await store.hold_delivery("other", "owner-b", lease_seconds=0.5) == "0-0"  # per target
+        assert await hold("hook", "owner-a") == "17-0"  # renewed, from its cursor
+        assert await hold("other", "owner-b") == "5-0"  # per target
         await asyncio.sleep(0.7)
         # The lease lapsed: another owner takes over from the cursor, and the old one may not move it.
-        assert await store.hold_delivery("hook", "owner-b", lease_seconds=0.5) == "17-0"
+        assert await hold("hook", "owner-b") == "17-0"
         assert not await store.advance_delivery("hook", "owner-a", "19-0")
-        # A target first seen when the outbox holds transitions starts after them, not with the backlog.
-        await append(store, 0, one_sample_each(count=4))
-        committed = await commit(store, 0, 1, events=events_of("t0"))
-        [queued] = await store.read_outbox("0-0", limit=10, wait_seconds=0.01)
-        assert queued.event_id == committed.event_ids[0]
-        assert await store.hold_delivery("new-hook", "owner-a", lease_seconds=0.5) == queued.id
-        assert await store.hold_delivery("new-hook", "owner-a", lease_seconds=0.5) == queued.id  # kept
 
     run(make_store, scenario)

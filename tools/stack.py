@@ -8,8 +8,10 @@ and ``alerts.yml``, where only the compose DNS discovery is replaced by the one 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -56,9 +58,15 @@ class Server:
 
 @contextmanager
 def _running(command: list[str], *, env: Mapping[str, str], port: int, log: Path, ready: str) -> Iterator[Server]:
-    """Run ``command`` until the block ends, once its ``ready`` path answers 200; it is killed whatever happens."""
+    """Run ``command`` until the block ends, once its ``ready`` path answers 200; it is stopped whatever happens.
+
+    It runs in a process group of its own, and the whole group is stopped: ``dmft serve --workers N``
+    spawns worker processes that would outlive a parent killed alone.
+    """
     with log.open("wb") as output:
-        process = subprocess.Popen(command, env=dict(env), stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            command, env=dict(env), stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
     server = Server(f"http://127.0.0.1:{port}", port, process, log)
     url = server.base + ready
     try:
@@ -77,9 +85,19 @@ def _running(command: list[str], *, env: Mapping[str, str], port: int, log: Path
             time.sleep(0.2)
         yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+        stop_group(process)
+
+
+def stop_group(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
+    """SIGTERM the process's group and give it ``grace_s`` to shut down cleanly, then SIGKILL what is left
+    (workers outlive a parent that was killed)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,14 +22,18 @@ class Receiver:
     """A webhook endpoint on loopback: checks each signature, records each event."""
 
     port: int
+    answer_after_s: float = 0.0  # a slow receiver
     received: list[dict] = field(default_factory=list)
     bad_signatures: int = 0
     _server: ThreadingHTTPServer | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/activity"
+
     def settings_env(self) -> dict[str, str]:
         """The service's environment for delivering to this receiver."""
-        url = f"http://127.0.0.1:{self.port}/hooks/activity"
-        return {"DMFT_WEBHOOKS": json.dumps([{"url": url, "secret": SECRET}])}
+        return {"DMFT_WEBHOOKS": json.dumps([{"url": self.url, "secret": SECRET}])}
 
     def start(self) -> None:
         receiver = self
@@ -36,6 +41,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(receiver.answer_after_s)
                 timestamp = self.headers["X-DMFT-Timestamp"]
                 expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
                 if not hmac.compare_digest(self.headers["X-DMFT-Signature"], f"sha256={expected}"):
@@ -62,9 +68,9 @@ class Receiver:
 
 
 @contextmanager
-def receiving() -> Iterator[Receiver]:
+def receiving(answer_after_s: float = 0.0) -> Iterator[Receiver]:
     """A running receiver on a free port, stopped afterwards."""
-    receiver = Receiver(free_port())
+    receiver = Receiver(free_port(), answer_after_s)
     receiver.start()
     try:
         yield receiver

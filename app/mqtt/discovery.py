@@ -10,6 +10,7 @@ while the bridge's status topic says ``online``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,10 @@ class Topics:
         return f"{self.prefix}/{session_id}/{leaf}"
 
     def node(self, session_id: str) -> str:
-        return "dmft_" + _NODE_UNSAFE.sub("_", session_id)
+        """The session's node id: readable, and distinct even where ids differ only in characters that
+        Home Assistant does not accept (``kitchen.1`` and ``kitchen:1``)."""
+        digest = hashlib.sha256(session_id.encode()).hexdigest()[:8]
+        return f"dmft_{_NODE_UNSAFE.sub('_', session_id)}_{digest}"
 
     def sensor_config(self, session_id: str) -> str:
         return f"{self.discovery_prefix}/sensor/{self.node(session_id)}/activity/config"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import StreamingResponse
+from pydantic import AwareDatetime
 
 from app.deps import SessionsDep
 from app.errors import invalid_input
@@ -64,7 +64,7 @@ async def _server_sent(events: AsyncIterator[Event | None]) -> AsyncIterator[str
     async for event in events:
         if event is None:
             yield ": keep-alive\n\n"
-        else:  # an event without an id (the end of a stream) leaves the client's last id as it was
+        else:  # an event without an id (the end of an expired session's stream) leaves the last id as it was
             yield (f"id: {event.id}\n" if event.id else "") + f"event: {event.type}\ndata: {event.data}\n\n"
 
 
@@ -72,8 +72,12 @@ async def _server_sent(events: AsyncIterator[Event | None]) -> AsyncIterator[str
 async def get_history(
     session_id: SessionId,
     sessions: SessionsDep,
-    since: Annotated[datetime | None, Query(description="Segments ending at or after this time.")] = None,
-    until: Annotated[datetime | None, Query(description="Segments starting at or before this time.")] = None,
+    since: Annotated[
+        AwareDatetime | None, Query(description="Segments ending at or after this time (with zone).")
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None, Query(description="Segments starting at or before this time (with zone).")
+    ] = None,
 ) -> History:
     return await sessions.history(session_id, since, until)
 

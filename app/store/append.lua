@@ -1,22 +1,22 @@
 -- Append one chunk to a session and return every complete window not yet committed, atomically.
 -- KEYS[1] meta hash, KEYS[2] buffer hash (one binary float32 field per modality), KEYS[3] predictions zset,
 -- KEYS[4] events stream, KEYS[5] history list (their expiry is refreshed with the session's).
--- ARGV: seq, ttl_ms, now, model, layout_json, origin (model, layout and time origin apply when seq 0 starts the
--- session), then modality/bytes pairs.
+-- ARGV: seq, ttl_ms, now, model, layout_json, origin, generation (model, layout, time origin and generation apply
+-- when seq 0 starts the session), then modality/bytes pairs.
 -- Nothing is written unless the whole chunk is accepted.
 local meta, buffers, predictions = KEYS[1], KEYS[2], KEYS[3]
 local seq, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 
 local last = redis.call('HGET', meta, 'seq')
 local fresh = not last
-local model, layout_json, started, next_window
+local model, layout_json, started, generation, next_window
 if fresh then
   if seq ~= 0 then return {'conflict', '0'} end
-  last, model, layout_json, started, next_window = -1, ARGV[4], ARGV[5], ARGV[6], 0
+  last, model, layout_json, started, generation, next_window = -1, ARGV[4], ARGV[5], ARGV[6], ARGV[7], 0
 else
   last = tonumber(last)
-  model, layout_json, started = redis.call('HGET', meta, 'model'), redis.call('HGET', meta, 'layout'),
-    redis.call('HGET', meta, 'started')
+  model, layout_json, started, generation = redis.call('HGET', meta, 'model'), redis.call('HGET', meta, 'layout'),
+    redis.call('HGET', meta, 'started'), redis.call('HGET', meta, 'generation')
   next_window = tonumber(redis.call('HGET', meta, 'next_window'))
 end
 local layout = cjson.decode(layout_json)
@@ -34,7 +34,7 @@ elseif seq ~= last + 1 then
 else
   local index, incoming = {}, {}
   for i, name in ipairs(layout.modalities) do index[name] = i end
-  for j = 7, #ARGV, 2 do
+  for j = 8, #ARGV, 2 do
     local i = index[ARGV[j]]
     if not i then return {'modalities', model, layout_json} end
     incoming[i] = ARGV[j + 1]
@@ -44,7 +44,8 @@ else
     if received[i] + added - offsets[i] > layout.max_buffer[i] then return {'overflow', name} end
   end
   if fresh then
-    redis.call('HSET', meta, 'model', model, 'layout', layout_json, 'started', started, 'next_window', '0')
+    redis.call('HSET', meta, 'model', model, 'layout', layout_json, 'started', started, 'generation', generation,
+      'next_window', '0')
     redis.call('DEL', KEYS[4], KEYS[5])  -- what an ended session of the same id left behind
   end
   for i, samples in pairs(incoming) do
@@ -73,6 +74,6 @@ for i, name in ipairs(layout.modalities) do
 end
 for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
 local reply = {status, tostring(seq), model, layout_json, started, cjson.encode(received),
-  cjson.encode(offsets), tostring(next_window), tostring(count), redis.call('HGET', meta, 'tracker') or ''}
+  cjson.encode(offsets), tostring(next_window), tostring(count), redis.call('HGET', meta, 'tracker') or '', generation}
 for i = 1, #layout.modalities do reply[#reply + 1] = spans[i] end
 return reply

@@ -14,8 +14,10 @@ refreshes the session's expiry.
 
 With the predictions, a commit appends the session's events (predictions and
 transitions, in order) to its event log, the segments the tracker closed to its
-history, and the transitions to the outbox that webhook delivery reads. The event log
-and history expire with the session; the outbox is shared by all sessions.
+history, and the transitions to the outbox that webhook delivery reads, once it is open:
+webhook delivery opens it before its process takes requests, so every process then queues
+transitions, whatever its own settings, and none does where no webhooks are configured. The
+event log and history expire with the session; the outbox is shared by all sessions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 def parse_event_id(text: str) -> tuple[int, int]:
     """``'<milliseconds>-<sequence>'`` as a comparable pair; ValueError for anything else."""
     milliseconds, _, sequence = text.partition("-")
-    if not (milliseconds.isdigit() and sequence.isdigit()):
+    if not (milliseconds.isdigit() and sequence.isdigit()) or max(int(milliseconds), int(sequence)) >= 2**64:
         raise ValueError(f"not an event id: {text!r}")
     return int(milliseconds), int(sequence)
 
@@ -87,7 +89,7 @@ class Retention:
     predictions: int  # newest predictions kept per session
     events: int  # newest events kept per session
     segments: int  # newest closed segments kept per session
-    outbox: int  # newest transitions kept for delivery, all sessions together; 0: none are queued
+    outbox: int  # newest transitions kept for delivery, all sessions together
 
 
 @dataclass
@@ -97,6 +99,7 @@ class AppendResult:
     model: str
     layout: StreamLayout
     started: float  # the session's time origin (epoch seconds): client or server clock at its first sample
+    generation: str  # made when the session starts: a session ended and started again under its id differs
     received: dict[str, int]  # samples per modality since the session began
     buffered: dict[str, int]  # samples still held
     first_window: int = 0  # index of the first pending window
@@ -149,6 +152,7 @@ class SessionSnapshot:
     buffered: dict[str, int]
     predictions: list[dict]  # newest last
     tracker: dict | None  # None until a window was classified
+    generation: str
 
 
 class SessionStore(abc.ABC):
@@ -181,6 +185,7 @@ class SessionStore(abc.ABC):
         first_window: int,
         predictions: list[dict],
         *,
+        generation: str,
         tracker: dict,
         events: list[Event],
         segments: list[dict],
@@ -189,9 +194,9 @@ class SessionStore(abc.ABC):
     ) -> CommitResult:
         """If ``first_window`` is still the session's next uncommitted window, record the predictions of
         windows ``first_window, first_window + 1, ...`` (all complete), store ``tracker``, append
-        ``events`` to the event log (transitions also to the outbox) and ``segments`` to the history;
-        else write nothing and return ``stale`` with the current window and tracker. An expired session
-        records nothing."""
+        ``events`` to the event log (transitions also to the outbox, if open) and ``segments`` to the history;
+        else write nothing and return ``stale`` with the current window and tracker. A session that
+        expired, ended, or started again since ``append`` handed out ``generation`` records nothing."""
 
     @abc.abstractmethod
     async def get(self, session_id: str) -> SessionSnapshot | None: ...
@@ -210,14 +215,18 @@ class SessionStore(abc.ABC):
         session wakes a waiting reader; its log may then end with an event of type 'end'."""
 
     @abc.abstractmethod
+    async def open_outbox(self) -> None:
+        """From now on, commits of every process queue their transitions in the outbox."""
+
+    @abc.abstractmethod
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
         """Transitions of every session after outbox id ``after``, oldest first, waiting for one."""
 
     @abc.abstractmethod
-    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
+    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
         """Take or renew ``owner``'s lease on delivering to ``target``; the target's cursor (the last
-        outbox id delivered) if held, None when another owner holds it. A target seen for the first time
-        starts at the outbox's newest entry: it gets the transitions from then on, not the backlog."""
+        outbox id delivered) if held, None when another owner holds it. A target without a cursor yet
+        starts after outbox id ``start_after``: not with a backlog queued for other targets."""
 
     @abc.abstractmethod
     async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ class _Session:
     started: float
     updated: float
     expires: float
+    generation: str
     seq: int = -1
     next_window: int = 0
     received: list[int] = field(default_factory=list)
@@ -71,6 +73,7 @@ class MemoryStore(SessionStore):
         self._changed = asyncio.Condition(self._lock)  # new events, or a session gone
         self._ids = _Ids()
         self._outbox: deque[OutboxEntry] = deque()
+        self._outbox_open = False
         self._leases: dict[str, tuple[str, float]] = {}  # target -> (owner, expiry)
         self._cursors: dict[str, str] = {}
 
@@ -103,6 +106,7 @@ class MemoryStore(SessionStore):
                     model=model,
                     layout=layout,
                     started=origin,
+                    generation=uuid.uuid4().hex,
                     updated=now,
                     expires=now + ttl_seconds,
                     received=[0] * count,
@@ -167,6 +171,7 @@ class MemoryStore(SessionStore):
             model=session.model,
             layout=session.layout,
             started=session.started,
+            generation=session.generation,
             received=dict(zip(names, session.received, strict=True)),
             buffered={name: r - o for name, r, o in zip(names, session.received, session.offset, strict=True)},
         )
@@ -177,6 +182,7 @@ class MemoryStore(SessionStore):
         first_window: int,
         predictions: list[dict],
         *,
+        generation: str,
         tracker: dict,
         events: list[Event],
         segments: list[dict],
@@ -185,7 +191,7 @@ class MemoryStore(SessionStore):
     ) -> CommitResult:
         async with self._lock:
             session = self._live(session_id)
-            if session is None:
+            if session is None or session.generation != generation:  # ended, expired, or started again
                 return CommitResult(recorded=[], buffered={})
             if first_window != session.next_window:
                 return CommitResult(
@@ -215,7 +221,7 @@ class MemoryStore(SessionStore):
                 stored = Event(event.type, event.data, self._ids.next())
                 session.events.append(stored)
                 event_ids.append(stored.id)
-                if event.type == "transition" and retention.outbox > 0:
+                if event.type == "transition" and self._outbox_open:
                     self._outbox.append(OutboxEntry(self._ids.next(), session_id, stored.id, event.data))
                     _keep_newest(self._outbox, retention.outbox)
             session.history.extend(segments)
@@ -248,6 +254,7 @@ class MemoryStore(SessionStore):
                 buffered=result.buffered,
                 predictions=[session.predictions[w] for w in sorted(session.predictions)],
                 tracker=session.tracker,
+                generation=session.generation,
             )
 
     async def history(self, session_id: str) -> list[dict]:
@@ -276,6 +283,9 @@ class MemoryStore(SessionStore):
                 except TimeoutError:
                     pass
 
+    async def open_outbox(self) -> None:
+        self._outbox_open = True
+
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
         deadline = time.monotonic() + wait_seconds
         async with self._changed:
@@ -289,14 +299,14 @@ class MemoryStore(SessionStore):
                 except TimeoutError:
                     pass
 
-    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
+    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
         async with self._lock:
             holder, expires = self._leases.get(target, (owner, 0.0))
             now = time.monotonic()
             if holder != owner and expires > now:
                 return None
             self._leases[target] = (owner, now + lease_seconds)
-            return self._cursors.setdefault(target, self._outbox[-1].id if self._outbox else "0-0")
+            return self._cursors.setdefault(target, start_after)
 
     async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
         async with self._lock:

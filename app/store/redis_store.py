@@ -7,8 +7,9 @@ event log that server-sent events read, its ids the event ids) and ``:history`` 
 list of closed segments). Expiry is Redis's own key TTL. A sorted set
 ``<prefix>:sessions`` (score: last activity) counts the active sessions.
 
-Transitions also go to the stream ``<prefix>:outbox`` in the same commit, so a
-transition is never recorded without being queued for its webhooks. That one script
+Transitions also go to the stream ``<prefix>:outbox`` in the same commit, once webhook
+delivery has created that stream (``open_outbox``), so a transition is never recorded
+without being queued for its webhooks. That one script
 touches keys of two hash slots: this store wants a single Redis (or a primary with
 replicas), not a Cluster. Webhook delivery keeps ``<prefix>:delivery:<target>:cursor``
 and a lease ``:lease`` per target.
@@ -17,6 +18,7 @@ and a lease ``:lease`` per target.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import redis.asyncio as redis
@@ -47,18 +49,17 @@ OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_WAIT_SECONDS = 30.0  # longest blocking read
 END_LINGER_MS = 60_000  # how long an ended session's log keeps its 'end' event
 # Renew a lease only for its holder, and move a cursor only while holding the lease.
-# A target's first cursor is the outbox's newest entry: it gets transitions from then on, not the backlog.
+# Create the outbox, empty, unless it exists: an entry added and trimmed away at once (Redis keeps
+# an empty stream), in one script so that no entry another process queued meanwhile is trimmed.
+OPEN_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('XADD', KEYS[1], 'MAXLEN', 0, '*', 'opened', 1) end
+"""
 HOLD_SCRIPT = """
 local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return false end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local cursor = redis.call('GET', KEYS[2])
-if not cursor then
-  local newest = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
-  cursor = newest[1] and newest[1][1] or '0-0'
-  redis.call('SET', KEYS[2], cursor)
-end
-return cursor
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
+return redis.call('GET', KEYS[2])
 """
 # Ending a session leaves one 'end' event in its log, briefly, to wake its blocked event readers.
 DELETE_SCRIPT = """
@@ -86,6 +87,7 @@ class RedisStore(SessionStore):
         self._prefix = prefix
         self._append = self._redis.register_script(APPEND_SCRIPT)
         self._commit = self._redis.register_script(COMMIT_SCRIPT)
+        self._open = self._redis.register_script(OPEN_SCRIPT)
         self._hold = self._redis.register_script(HOLD_SCRIPT)
         self._advance = self._redis.register_script(ADVANCE_SCRIPT)
         self._delete = self._redis.register_script(DELETE_SCRIPT)
@@ -125,6 +127,7 @@ class RedisStore(SessionStore):
             model,
             json.dumps(layout.to_dict()),
             repr(origin),
+            uuid.uuid4().hex,  # the generation, if this chunk starts the session
         ]
         for name, samples in chunk.items():
             args += [name, samples]
@@ -147,12 +150,13 @@ class RedisStore(SessionStore):
             model=reply[2].decode(),
             layout=stored,
             started=float(reply[4]),
+            generation=reply[10].decode(),
             received={name: int(r) for name, r in zip(stored.modalities, received, strict=True)},
             buffered={name: int(r - o) for name, r, o in zip(stored.modalities, received, offsets, strict=True)},
         )
         result.first_window, result.windows = int(reply[7]), int(reply[8])
         result.tracker = json.loads(reply[9]) if reply[9] else None
-        result.spans = dict(zip(stored.modalities, reply[10:], strict=True)) if result.windows else {}
+        result.spans = dict(zip(stored.modalities, reply[11:], strict=True)) if result.windows else {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(self._index, {session_id: now})
@@ -168,6 +172,7 @@ class RedisStore(SessionStore):
         first_window: int,
         predictions: list[dict],
         *,
+        generation: str,
         tracker: dict,
         events: list[Event],
         segments: list[dict],
@@ -183,6 +188,7 @@ class RedisStore(SessionStore):
             retention.segments,
             retention.outbox,
             session_id,
+            generation,
             len(predictions),
             *map(_json, predictions),
             len(segments),
@@ -237,6 +243,7 @@ class RedisStore(SessionStore):
             buffered={name: received[name] - int(fields[f"offset:{name}"]) for name in layout.modalities},
             predictions=[json.loads(member.split(b":", 1)[1]) for member in members],
             tracker=json.loads(fields["tracker"]) if fields.get("tracker") else None,
+            generation=fields["generation"],
         )
 
     async def history(self, session_id: str) -> list[dict]:
@@ -270,6 +277,12 @@ class RedisStore(SessionStore):
             alive=alive,
         )
 
+    async def open_outbox(self) -> None:
+        try:
+            await self._open(keys=[self._outbox])
+        except OUTAGE as error:
+            raise StoreUnavailable(str(error)) from error
+
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
         try:
             reply = await self._waiting.xread({self._outbox: after}, count=limit, block=_block_ms(wait_seconds))
@@ -282,10 +295,10 @@ class RedisStore(SessionStore):
             for entry_id, fields in (reply[0][1] if reply else [])
         ]
 
-    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float) -> str | None:
+    async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
         try:
             cursor = await self._hold(
-                keys=[*self._delivery_keys(target), self._outbox], args=[owner, int(lease_seconds * 1000)]
+                keys=self._delivery_keys(target), args=[owner, int(lease_seconds * 1000), start_after]
             )
         except OUTAGE as error:
             raise StoreUnavailable(str(error)) from error
