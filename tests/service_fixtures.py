@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
+from app.main import create_app
 from app.settings import Settings
 from tools.traffic import WatchData, load_watch_data
+
+from .redis_fixtures import RedisTarget
 
 WINDOW = 100  # samples per window of the shipped bundles (2 s at 50 Hz)
 HOP = 50  # samples between session windows (the default hop of 1 s at 50 Hz)
@@ -31,6 +35,18 @@ def watch_data() -> WatchData:
 def memory_settings(**overrides: Any) -> Settings:
     """An app with sessions in its own process and untraced models, whatever ``REDIS_URL`` the environment sets."""
     return Settings(**{"redis_url": None, "compile_models": False, **overrides})
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"], name="client")
+def client_on_each_store(request: pytest.FixtureRequest) -> Iterator[TestClient]:
+    """``client``: the app once per session store, for a module; Redis under a prefix of the module's own."""
+    if request.param == "memory":
+        settings = memory_settings()
+    else:
+        target: RedisTarget = request.getfixturevalue("module_redis_target")
+        settings = target.settings()
+    with TestClient(create_app(settings)) as client:
+        yield client
 
 
 def assert_error(

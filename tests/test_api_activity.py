@@ -7,7 +7,6 @@ session; the third has a few windows the model doubts, which must not flap.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,8 +17,11 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from tools.traffic import MODALITIES, WatchData
 
-from .redis_fixtures import RedisTarget
-from .service_fixtures import assert_error, memory_settings
+from .service_fixtures import (
+    assert_error,
+    client_on_each_store,  # noqa: F401 - the 'client' fixture
+    memory_settings,
+)
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 
@@ -31,17 +33,6 @@ RECORDINGS = (114, 74, 9)
 ORIGIN = datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
 # A transition is dated to the first window of its confirming run: within a window of the true change.
 TIME_TOLERANCE = timedelta(seconds=2)
-
-
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    if request.param == "memory":
-        settings = memory_settings()
-    else:
-        target: RedisTarget = request.getfixturevalue("module_redis_target")
-        settings = target.settings()
-    with TestClient(create_app(settings)) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,14 @@ from tools.stack import free_port
 from tools.traffic import MODALITIES, WatchData
 
 from .redis_fixtures import RedisTarget
-from .service_fixtures import HOP, WINDOW, assert_error, memory_settings, metric_value, parse_metrics
+from .service_fixtures import (
+    HOP,
+    WINDOW,
+    assert_error,
+    client_on_each_store,  # noqa: F401 - the 'client' fixture
+    metric_value,
+    parse_metrics,
+)
 
 pytestmark = pytest.mark.usefixtures("no_server_errors")
 
@@ -34,18 +41,6 @@ PROBABILITY_TOLERANCE = 1e-5
 SAMPLES_ROUTE = "/v1/sessions/{session_id}/samples"
 
 Samples = dict[str, np.ndarray]
-
-
-@pytest.fixture(scope="module", params=["memory", "redis"])
-def client(request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    """One app per store kind for the module; Redis under a prefix of its own."""
-    if request.param == "memory":
-        settings = memory_settings()
-    else:
-        target: RedisTarget = request.getfixturevalue("module_redis_target")
-        settings = target.settings()
-    with TestClient(create_app(settings)) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
