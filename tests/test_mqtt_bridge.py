@@ -87,8 +87,8 @@ def test_chunks_over_mqtt_give_state_transition_and_a_session_shared_with_http(
     assert session["received"] == dict.fromkeys(MODALITIES, samples)
 
 
-def test_a_new_session_is_announced_to_home_assistant_and_again_on_its_birth_message(
-    bridge: Bridge, watcher: Watcher, watch_data: WatchData
+def test_a_session_is_announced_to_home_assistant_again_on_its_birth_message_until_it_ends(
+    bridge: Bridge, watcher: Watcher, watch_data: WatchData, module_redis_target: RedisTarget
 ) -> None:
     _stream(watcher, bridge, "hall.1", _chunks(watch_data, watch_data.held_out_recordings()[1], 1))
     node = "dmft_hall_1_e59b34d3"  # readable, plus a digest of the id: "hall.1" and "hall:1" stay apart
@@ -114,6 +114,14 @@ def test_a_new_session_is_announced_to_home_assistant_and_again_on_its_birth_mes
     watcher.publish(f"{bridge.discovery_prefix}/status", "online")  # Home Assistant (re)started
     assert watcher.wait_for(sensor_topic, timeout=10).json() == sensor
     assert watcher.wait_for(event_topic, timeout=10).json() == event
+
+    # The session ends (over HTTP, on the same Redis): at the next birth message its entities are withdrawn.
+    with TestClient(create_app(module_redis_target.settings())) as http:
+        assert http.delete("/v1/sessions/hall.1").status_code == 204
+    watcher.forget()
+    watcher.publish(f"{bridge.discovery_prefix}/status", "online")
+    for topic in (sensor_topic, event_topic, f"{bridge.prefix}/hall.1/state"):
+        assert watcher.wait_for(topic, timeout=10).payload == b"", topic
 
 
 def test_rejected_chunks_are_published_in_the_error_shape(

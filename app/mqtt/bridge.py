@@ -27,6 +27,7 @@ from app.mqtt.discovery import OFFLINE, ONLINE, Topics, discovery_configs
 from app.schemas import SamplesChunk, SamplesResponse
 from app.services import Services, open_services
 from app.settings import Settings
+from app.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,29 @@ class MqttBridge:
         self._announced.add(session_id)
 
     def _announce_all(self) -> None:
+        task = asyncio.create_task(self._refresh_announcements(), name="mqtt-announce")
+        self._workers.add(task)
+        task.add_done_callback(self._workers.discard)
+
+    async def _refresh_announcements(self) -> None:
+        """Announce the sessions still live again; withdraw those that ended or expired, so that Home
+        Assistant drops their entities and this bridge stops carrying them."""
         for session_id in sorted(self._announced):
-            self._announce(session_id)
+            try:
+                live = await self.services.store.get(session_id) is not None
+            except StoreUnavailable:
+                live = True  # unknown: keep announcing it
+            if live:
+                self._announce(session_id)
+            else:
+                self._withdraw(session_id)
+
+    def _withdraw(self, session_id: str) -> None:
+        # An empty retained message deletes a retained one: Home Assistant removes the entity.
+        for topic in (self.topics.sensor_config(session_id), self.topics.event_config(session_id)):
+            self.client.publish(topic, b"", qos=QOS, retain=True)
+        self.client.publish(self.topics.session(session_id, "state"), b"", qos=QOS, retain=True)
+        self._announced.discard(session_id)
 
     def _publish(self, session_id: str, leaf: str, body: dict[str, Any], retain: bool = False) -> None:
         self.client.publish(self.topics.session(session_id, leaf), json.dumps(body), qos=QOS, retain=retain)
