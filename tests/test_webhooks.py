@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +143,29 @@ def test_an_event_failing_past_its_deadline_is_dropped_and_delivery_moves_on(
 
         run_dispatchers(make_store, config, scenario)
     assert [event["session_id"] for event in receiver.received] == ["back"]
+
+
+def readme_verify() -> Callable[..., bool]:
+    """The signature check the README gives receivers, run as written there."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "def verify(" in block]
+    namespace: dict[str, object] = {}
+    exec(code, namespace)  # the snippet exactly as the README gives it
+    return namespace["verify"]  # type: ignore[return-value]
+
+
+def test_the_readme_signature_check_accepts_real_deliveries_and_nothing_else() -> None:
+    with receiving() as receiver:
+
+        async def scenario(store: SessionStore) -> None:
+            await commit_transitions(store, "signed", 1)
+            await wait_until(lambda: len(receiver.requests) >= 1)
+
+        run_dispatchers(MemoryStore, settings(receiver), scenario)
+    verify = readme_verify()
+    [(headers, body)] = receiver.requests
+    assert verify(SECRET, headers, body)
+    assert not verify("another-secret-0123", headers, body)
+    assert not verify(SECRET, headers, body.replace(b"signed", b"forged"))
+    stale = {**headers, "X-DMFT-Timestamp": str(int(headers["X-DMFT-Timestamp"]) - 3600)}
+    assert not verify(SECRET, stale, body)

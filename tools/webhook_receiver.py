@@ -24,6 +24,7 @@ class Receiver:
     port: int
     answer_after_s: float = 0.0  # a slow receiver
     received: list[dict] = field(default_factory=list)
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)  # headers and raw body, as sent
     bad_signatures: int = 0
     _server: ThreadingHTTPServer | None = None
 
@@ -41,6 +42,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.requests.append((dict(self.headers.items()), body))
                 time.sleep(receiver.answer_after_s)
                 timestamp = self.headers["X-DMFT-Timestamp"]
                 expected = hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
