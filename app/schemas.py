@@ -92,6 +92,7 @@ class WindowPrediction(BaseModel):
     confidence: float
     probabilities: dict[str, float]
     model: str
+    recorded_at: datetime = Field(description="When the service classified the window (server clock).")
 
 
 class Transition(BaseModel):
@@ -158,6 +159,10 @@ class SessionSummary(BaseModel):
     updated_at: datetime
     windows: int
     last_window: WindowPrediction | None
+    activity_seconds: float | None = Field(
+        description="How long the tracked activity had lasted at the last window, in the session's clock: add the "
+        "time since the last window's recorded_at for how long it lasts now."
+    )
 
 
 class FeedItem(BaseModel):
@@ -166,7 +171,8 @@ class FeedItem(BaseModel):
     activity: str
     confidence: float
     model: str
-    end_time: datetime
+    end_time: datetime = Field(description="End of the window, in the session's clock.")
+    recorded_at: datetime = Field(description="When it was classified (server clock): the feed's order.")
 
 
 class LatencyHistogram(BaseModel):
@@ -181,7 +187,7 @@ class Overview(BaseModel):
     generated_at: datetime
     active_sessions: int
     sessions: list[SessionSummary] = Field(description="The most recently updated live sessions, newest first.")
-    recent_predictions: list[FeedItem] = Field(description="Their latest window predictions, newest first.")
+    recent_predictions: list[FeedItem] = Field(description="Their latest window predictions, newest recorded first.")
     request_latency: LatencyHistogram = Field(description="API requests, without scrapes and this page's polling.")
     inference_latency: dict[str, LatencyHistogram] = Field(description="Forward passes, per model.")
 

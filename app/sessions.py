@@ -164,6 +164,7 @@ class SessionService:
             )
             bounds.append((index, start, end))
         answers = await self.engine.predict_windows(windows, result.model)
+        recorded_at = datetime.now(UTC)
         classes = self.engine.reference.class_names
         window_seconds = self.engine.reference.window_seconds
         predictions = []
@@ -183,6 +184,7 @@ class SessionService:
                     confidence=float(answer.probabilities[best]),
                     probabilities={c: float(p) for c, p in zip(classes, answer.probabilities, strict=True)},
                     model=answer.model,
+                    recorded_at=recorded_at,
                 )
             )
         return predictions
@@ -362,10 +364,14 @@ class SessionService:
                 continue
             state = self._state(session_id, snapshot)
             last_window = state.recent[-1] if state.recent else None
-            # The summary is the fields of the state it names, plus the last window.
-            sessions.append(SessionSummary.model_validate({**dict(state), "last_window": last_window}))
+            lasted = (last_window.end_time - state.since).total_seconds() if last_window and state.since else None
+            # The summary is the fields of the state it names, plus the last window and how long the activity lasted.
+            sessions.append(
+                SessionSummary.model_validate({**dict(state), "last_window": last_window, "activity_seconds": lasted})
+            )
             items += [FeedItem.model_validate({**dict(p), "session_id": session_id}) for p in state.recent[-feed:]]
-        items.sort(key=lambda item: item.end_time, reverse=True)
+        # Server time orders them: sessions may each keep a clock of their own.
+        items.sort(key=lambda item: (item.recorded_at, item.window), reverse=True)
         return count, sessions, items[:feed]
 
     async def delete(self, session_id: str) -> None:

@@ -111,23 +111,50 @@ def test_overview_lists_sessions_newest_first_with_their_tracked_activity(client
         assert summary["model"] == "student"
         assert summary["modalities"] == list(MODALITIES)
         assert summary["last_window"] == state["recent"][-1]
+        lasted = datetime.fromisoformat(state["recent"][-1]["end_time"]) - datetime.fromisoformat(state["since"])
+        assert summary["activity_seconds"] == pytest.approx(lasted.total_seconds())
+        assert summary["activity_seconds"] > 0
         activities.add(summary["activity"])
     assert len(activities) == len(homes)  # three exercises, three activities
 
 
 def test_overview_feed_is_newest_first_and_bounded(client: TestClient, homes: list[str]) -> None:
     everything = [
-        (datetime.fromisoformat(prediction["end_time"]), session_id, prediction["window"])
+        (datetime.fromisoformat(prediction["recorded_at"]), prediction["window"], session_id)
         for session_id in homes
         for prediction in client.get(f"/v1/sessions/{session_id}").json()["recent"]
     ]
-    newest = [(session_id, window) for _, session_id, window in sorted(everything, reverse=True)]
+    newest = [(session_id, window) for _, window, session_id in sorted(everything, reverse=True)]
 
     feed = overview(client, feed=7)["recent_predictions"]
     assert [(item["session_id"], item["window"]) for item in feed] == newest[:7]
-    times = [datetime.fromisoformat(item["end_time"]) for item in feed]
+    assert feed[0]["session_id"] == homes[0]  # the session that got the last chunk
+    times = [datetime.fromisoformat(item["recorded_at"]) for item in feed]
     assert times == sorted(times, reverse=True)
     assert len(overview(client)["recent_predictions"]) == min(50, len(everything))
+
+
+def test_overview_orders_by_server_time_whatever_clock_a_session_keeps(
+    client: TestClient, homes: list[str], watch_data: WatchData
+) -> None:
+    """A session replaying an old recording in its own clock still comes first when it is the newest."""
+    samples = watch_data.recording_samples(watch_data.held_out_recordings()[0])
+    old_clock = {"timestamp": "2020-05-01T10:00:00+00:00"}
+    answer = send(
+        client, "replayed-2020", 0, {name: rows[:400].tolist() for name, rows in samples.items()}, **old_clock
+    )
+    body = overview(client)
+    assert body["sessions"][0]["session_id"] == "replayed-2020"
+    assert body["recent_predictions"][0]["session_id"] == "replayed-2020"
+    assert body["recent_predictions"][0]["end_time"].startswith("2020-05-01")
+    summary = body["sessions"][0]
+    transition = answer["transitions"][0]
+    last_end = datetime.fromisoformat(answer["predictions"][-1]["end_time"])
+    assert summary["activity_seconds"] == pytest.approx(
+        (last_end - datetime.fromisoformat(transition["time"])).total_seconds()
+    )
+    assert summary["activity_seconds"] < 60  # seconds of the replay, not the six years since its clock's date
+    assert client.delete("/v1/sessions/replayed-2020").status_code == 204
 
 
 def test_overview_limit_lists_the_most_recent_sessions(client: TestClient, homes: list[str]) -> None:
