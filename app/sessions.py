@@ -199,10 +199,13 @@ class SessionService:
         tracker state and this redoes the step for the windows left, so the tracker sees each window once.
         """
         tracker, first = TrackerState.from_dict(result.tracker), result.first_window
+        # Dumped once: the store records these and logs them as events, and a stale commit is redone.
+        records = {p.window: p.model_dump(mode="json") for p in predictions}
         while True:
             pending = [p for p in predictions if p.window >= first]
             if not pending:  # another process committed them all
                 return [], result.buffered
+            pending_records = [records[p.window] for p in pending]
             update = advance(
                 tracker,
                 [
@@ -236,10 +239,10 @@ class SessionService:
                 committed = await self.store.commit(
                     session_id,
                     first,
-                    [p.model_dump(mode="json") for p in pending],
+                    pending_records,
                     generation=result.generation,
                     tracker=update.state.to_dict(),
-                    events=self._events(session_id, pending, transitions, update.confirmed_at),
+                    events=self._events(session_id, pending_records, transitions, update.confirmed_at),
                     segments=[vars(segment) for segment in update.closed_segments],
                     retention=self.retention,
                     ttl_seconds=self.settings.session_ttl_seconds,
@@ -260,17 +263,13 @@ class SessionService:
 
     @staticmethod
     def _events(
-        session_id: str, predictions: list[WindowPrediction], transitions: list[Transition], confirmed_at: list[int]
+        session_id: str, predictions: list[dict], transitions: list[Transition], confirmed_at: list[int]
     ) -> list[Event]:
-        """Each prediction, followed by the transition it confirmed, if any."""
+        """Each prediction (as recorded), followed by the transition it confirmed, if any."""
         events = []
         for position, prediction in enumerate(predictions):
-            events.append(
-                Event(
-                    "prediction",
-                    json.dumps({"session_id": session_id, **prediction.model_dump(mode="json")}, separators=(",", ":")),
-                )
-            )
+            data = json.dumps({"session_id": session_id, **prediction}, separators=(",", ":"))
+            events.append(Event("prediction", data))
             events += [
                 Event("transition", transition.model_dump_json())
                 for transition, at in zip(transitions, confirmed_at, strict=True)
