@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import redis.asyncio as redis
@@ -131,10 +133,8 @@ class RedisStore(SessionStore):
         ]
         for name, samples in chunk.items():
             args += [name, samples]
-        try:
+        with _unavailable_on_outage():
             reply = await self._append(keys=list(self._keys(session_id)), args=args)
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         status = reply[0].decode()
         if status == "conflict":
             raise SeqConflict(int(reply[1]))
@@ -157,13 +157,11 @@ class RedisStore(SessionStore):
         result.first_window, result.windows = int(reply[7]), int(reply[8])
         result.tracker = json.loads(reply[9]) if reply[9] else None
         result.spans = dict(zip(stored.modalities, reply[11:], strict=True)) if result.windows else {}
-        try:
+        with _unavailable_on_outage():
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(self._index, {session_id: now})
                 pipe.zremrangebyscore(self._index, "-inf", now - ttl_seconds)
                 await pipe.execute()
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return result
 
     async def commit(
@@ -196,10 +194,8 @@ class RedisStore(SessionStore):
         ]
         for event in events:
             args += [event.type, event.data]
-        try:
+        with _unavailable_on_outage():
             reply = await self._commit(keys=[*self._keys(session_id), self._outbox], args=args)
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         status = reply[0].decode()
         if status == "gone":
             return CommitResult(recorded=[], buffered={})
@@ -220,13 +216,11 @@ class RedisStore(SessionStore):
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
         meta, _, key, _, _ = self._keys(session_id)
-        try:
+        with _unavailable_on_outage():
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(meta)
                 pipe.zrange(key, 0, -1)
                 fields, members = await pipe.execute()
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         if not fields:
             return None
         fields = {k.decode(): v.decode() for k, v in fields.items()}
@@ -247,27 +241,21 @@ class RedisStore(SessionStore):
         )
 
     async def history(self, session_id: str) -> list[dict]:
-        try:
+        with _unavailable_on_outage():
             segments = await self._redis.lrange(self._keys(session_id)[4], 0, -1)
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return [json.loads(segment) for segment in segments]
 
     async def last_event_id(self, session_id: str) -> str:
-        try:
+        with _unavailable_on_outage():
             newest = await self._redis.xrevrange(self._keys(session_id)[3], count=1)
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return newest[0][0].decode() if newest else "0-0"
 
     async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
         meta, _, _, events, _ = self._keys(session_id)
-        try:
+        with _unavailable_on_outage():
             # A blocking read holds its connection for the wait: the pool opens one per waiting reader.
             reply = await self._waiting.xread({events: after}, block=_block_ms(wait_seconds))
             alive = bool(await self._redis.exists(meta))
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         entries = reply[0][1] if reply else []
         return EventBatch(
             [
@@ -278,16 +266,12 @@ class RedisStore(SessionStore):
         )
 
     async def open_outbox(self) -> None:
-        try:
+        with _unavailable_on_outage():
             await self._open(keys=[self._outbox])
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
-        try:
+        with _unavailable_on_outage():
             reply = await self._waiting.xread({self._outbox: after}, count=limit, block=_block_ms(wait_seconds))
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return [
             OutboxEntry(
                 entry_id.decode(), fields[b"session"].decode(), fields[b"event"].decode(), fields[b"data"].decode()
@@ -296,54 +280,51 @@ class RedisStore(SessionStore):
         ]
 
     async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
-        try:
+        with _unavailable_on_outage():
             cursor = await self._hold(
                 keys=self._delivery_keys(target), args=[owner, int(lease_seconds * 1000), start_after]
             )
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return cursor.decode() if cursor else None
 
     async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
-        try:
+        with _unavailable_on_outage():
             return bool(await self._advance(keys=self._delivery_keys(target), args=[owner, outbox_id]))
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def delete(self, session_id: str) -> bool:
         end = _json({"session_id": session_id, "reason": "ended"})
-        try:
+        with _unavailable_on_outage():
             async with self._redis.pipeline(transaction=False) as pipe:
                 # A script in a pipeline is loaded by the pipeline when Redis doesn't know it yet.
                 await self._delete(keys=list(self._keys(session_id)), args=[end, END_LINGER_MS], client=pipe)
                 pipe.zrem(self._index, session_id)
                 deleted, _ = await pipe.execute()
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return deleted > 0
 
     async def active_sessions(self, *, now: float, ttl_seconds: int) -> int:
-        try:
+        with _unavailable_on_outage():
             return await self._redis.zcount(self._index, now - ttl_seconds, "+inf")
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def recent_sessions(self, *, now: float, ttl_seconds: int, limit: int) -> list[str]:
-        try:
+        with _unavailable_on_outage():
             ids = await self._redis.zrevrangebyscore(self._index, "+inf", now - ttl_seconds, start=0, num=limit)
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
         return [session_id.decode() for session_id in ids]
 
     async def ping(self) -> None:
-        try:
+        with _unavailable_on_outage():
             await self._redis.ping()
-        except OUTAGE as error:
-            raise StoreUnavailable(str(error)) from error
 
     async def close(self) -> None:
         await self._redis.aclose()
         await self._waiting.aclose()
+
+
+@contextmanager
+def _unavailable_on_outage() -> Iterator[None]:
+    """Redis unreachable or too slow to answer: ``StoreUnavailable``, which the service answers with 503."""
+    try:
+        yield
+    except OUTAGE as error:
+        raise StoreUnavailable(str(error)) from error
 
 
 def _block_ms(wait_seconds: float) -> int:
