@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from app.store.base import (
     AppendResult,
@@ -23,6 +26,8 @@ from app.store.base import (
     StreamLayout,
     parse_event_id,
 )
+
+T = TypeVar("T")
 
 
 class _Ids:
@@ -267,37 +272,38 @@ class MemoryStore(SessionStore):
             session = self._live(session_id)
             return session.events[-1].id if session and session.events else "0-0"
 
-    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
+    async def _wait(self, look: Callable[[], tuple[bool, T]], wait_seconds: float) -> T:
+        """``look``'s answer (under the lock) once it has found something, or when ``wait_seconds`` have
+        passed; commits and deletes wake it to look again."""
         deadline = time.monotonic() + wait_seconds
         async with self._changed:
             while True:
-                session = self._live(session_id)
-                if session is None:
-                    return EventBatch([], alive=False)
-                events = _after(session.events, after)
+                found, answer = look()
                 remaining = deadline - time.monotonic()
-                if events or remaining <= 0:
-                    return EventBatch(events, alive=True)
-                try:
+                if found or remaining <= 0:
+                    return answer
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), remaining)
-                except TimeoutError:
-                    pass
+
+    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
+        def look() -> tuple[bool, EventBatch]:
+            session = self._live(session_id)
+            if session is None:
+                return True, EventBatch([], alive=False)
+            events = _after(session.events, after)
+            return bool(events), EventBatch(events, alive=True)
+
+        return await self._wait(look, wait_seconds)
 
     async def open_outbox(self) -> None:
         self._outbox_open = True
 
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
-        deadline = time.monotonic() + wait_seconds
-        async with self._changed:
-            while True:
-                entries = _after(self._outbox, after)[:limit]
-                remaining = deadline - time.monotonic()
-                if entries or remaining <= 0:
-                    return entries
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except TimeoutError:
-                    pass
+        def look() -> tuple[bool, list[OutboxEntry]]:
+            entries = _after(self._outbox, after)[:limit]
+            return bool(entries), entries
+
+        return await self._wait(look, wait_seconds)
 
     async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
         async with self._lock:
