@@ -125,15 +125,19 @@ def _assert_resent_once(proxy: FaultyProxy, responses: list, received: dict[str,
     assert received == dict.fromkeys(MODALITIES, sum(len(c["accelerometer"]) for c in chunks))
 
 
-def test_a_chunk_whose_answer_was_lost_is_resent_and_not_doubled(proxy: FaultyProxy, watch_data: WatchData) -> None:
-    chunks = _chunks(watch_data, 3)
+def _stream_losing_the_second_answer(proxy: FaultyProxy, session_id: str, chunks: list) -> None:
+    """Three chunks through the blocking client; the proxy loses the answer to the second."""
     with _client(proxy.url) as client:
-        stream = client.stream("client-lost-sync")
+        stream = client.stream(session_id)
         responses = [stream.send(chunks[0])]
         proxy.lose_next_answer()
         responses += [stream.send(chunks[1]), stream.send(chunks[2])]
-        received = client.session("client-lost-sync").received
+        received = client.session(session_id).received
     _assert_resent_once(proxy, responses, received, chunks)
+
+
+def test_a_chunk_whose_answer_was_lost_is_resent_and_not_doubled(proxy: FaultyProxy, watch_data: WatchData) -> None:
+    _stream_losing_the_second_answer(proxy, "client-lost-sync", _chunks(watch_data, 3))
 
 
 def test_async_client_resends_a_lost_chunk_and_streams(proxy: FaultyProxy, watch_data: WatchData) -> None:
@@ -157,18 +161,11 @@ def test_async_client_resends_a_lost_chunk_and_streams(proxy: FaultyProxy, watch
 def test_lost_answer_on_redis_sessions_is_not_doubled(
     redis_target: RedisTarget, tmp_path: Path, watch_data: WatchData
 ) -> None:
-    chunks = _chunks(watch_data, 3)
     with (
         run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix) as server,
         faulty_proxy(server.port) as proxy,
     ):
-        with _client(proxy.url) as client:
-            stream = client.stream("client-lost-redis")
-            responses = [stream.send(chunks[0])]
-            proxy.lose_next_answer()
-            responses += [stream.send(chunks[1]), stream.send(chunks[2])]
-            received = client.session("client-lost-redis").received
-    _assert_resent_once(proxy, responses, received, chunks)
+        _stream_losing_the_second_answer(proxy, "client-lost-redis", _chunks(watch_data, 3))
 
 
 def test_503_is_retried_after_its_retry_after(proxy: FaultyProxy, watch_data: WatchData) -> None:
