@@ -73,13 +73,13 @@ def _speed(text: str) -> float | None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     import functools
-    import logging
 
     from app.client import SESSION_ID, ActivityClient, ClientError
     from app.replay import ReplayInputError, Summary, check_against_model, load_recording, replay
+    from app.schemas import SESSION_ID_RULE
 
     if not SESSION_ID.match(args.session):
-        raise ReplayInputError(f"--session {args.session!r}: use 1 to 128 letters, digits, '.', '_', ':' or '-'")
+        raise ReplayInputError(f"--session {args.session!r}: {SESSION_ID_RULE}")
     if not args.chunk_seconds > 0:
         raise ReplayInputError("--chunk-seconds must be positive")
     recording = load_recording(args.file, args.recording)

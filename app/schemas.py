@@ -14,6 +14,7 @@ Rows = list[list[Sample]]
 ModelChoice = Literal["student", "teacher", "cascade"]
 # A session id, chosen by the client: it names Redis keys and MQTT topics, so it is kept plain.
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+SESSION_ID_RULE = "use 1 to 128 letters, digits, '.', '_', ':' or '-'"
 
 
 class WindowSamples(BaseModel):

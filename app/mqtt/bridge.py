@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from app.client import SESSION_ID, RetryPolicy
 from app.errors import ApiError, invalid_fields, invalid_input
 from app.mqtt.discovery import OFFLINE, ONLINE, Topics, discovery_configs
-from app.schemas import SamplesChunk, SamplesResponse
+from app.schemas import SESSION_ID_RULE, SamplesChunk, SamplesResponse
 from app.services import Services, open_services
 from app.settings import Settings
 from app.store import StoreUnavailable
@@ -151,7 +151,7 @@ class MqttBridge:
 
     async def _process(self, session_id: str, payload: bytes) -> None:
         if not SESSION_ID.match(session_id):
-            message = f"session id {session_id!r}: use 1 to 128 letters, digits, '.', '_', ':' or '-'"
+            message = f"session id {session_id!r}: {SESSION_ID_RULE}"
             self._publish(session_id, "error", invalid_input(message).body())
             return
         try:
