@@ -32,7 +32,10 @@ class RequestMetricsMiddleware:
             nonlocal status, streaming
             if message["type"] == "http.response.start":
                 status = message["status"]
-                streaming = (b"content-type", b"text/event-stream; charset=utf-8") in message["headers"]
+                streaming = any(
+                    name == b"content-type" and value.startswith(b"text/event-stream")
+                    for name, value in message["headers"]
+                )
             await send(message)
 
         try:

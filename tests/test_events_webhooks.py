@@ -112,6 +112,14 @@ def test_event_stream_resumes_with_last_event_id(server: Server, exercises: dict
         end = resumed.get(timeout=WAIT_S)
         assert resumed.get(timeout=WAIT_S) is None  # the stream closed
         answers += later
+        # A stream lasts as long as its client listens: it is no request latency.
+        samples = parse_metrics(client.get("/metrics").text)
+        events_route = {"route": "/v1/sessions/{session_id}/events"}
+        assert metric_value(samples, "dmft_request_duration_seconds_count", events_route) == 0
+        assert (
+            metric_value(samples, "dmft_request_duration_seconds_count", {"route": "/v1/sessions/{session_id}/samples"})
+            > 0
+        )
 
     everything = seen + rest
     assert len({event.id for event in everything}) == len(everything)
