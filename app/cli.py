@@ -7,54 +7,73 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from model import cli as model_cli
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's help ends with its default, unless it has none to show (its help says what then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.server import ServeOptions, serve
 
     # Settings reach every worker process through the environment.
     if args.bundles:
         os.environ["DMFT_BUNDLES"] = str(args.bundles)
     if args.redis_url:
         os.environ["REDIS_URL"] = args.redis_url
-    if args.workers > 1:
-        prepare_multiprocess_metrics()
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        access_log=args.access_log,
+    options = ServeOptions(
+        host=args.host, port=args.port, workers=args.workers, log_level=args.log_level, access_log=args.access_log
     )
-    return 0
-
-
-def prepare_multiprocess_metrics() -> None:
-    """Give the workers one empty directory to share their metric samples in."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        # Files of a previous run would add stale samples to this one's.
-        for stale in Path(directory).glob("*.db"):
-            stale.unlink()
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="dmft-metrics-")
+    return serve(options)
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
-    serve = commands.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    serve.add_argument("--bundles", type=Path, help="directory with teacher/ and student/ (else DMFT_BUNDLES)")
-    serve.add_argument("--redis-url", help="Redis for sessions (else REDIS_URL; unset: in-process store)")
-    serve.add_argument("--log-level", default="info")
-    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True)
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP service",
+        description="Run the HTTP service (uvicorn). Its settings are DMFT_* environment variables; see the README.",
+        formatter_class=HelpFormatter,
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="uvicorn worker processes; more than one needs Redis (--redis-url), else one serves",
+    )
+    serve.add_argument(
+        "--bundles",
+        type=Path,
+        help="directory with teacher/ and student/ (default: DMFT_BUNDLES, else the shipped models)",
+    )
+    serve.add_argument(
+        "--redis-url", help="Redis for sessions (default: REDIS_URL; unset: sessions in the process, one worker)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level",
+    )
+    serve.add_argument(
+        "--access-log", action=argparse.BooleanOptionalAction, default=True, help="log a line per request"
+    )
     serve.set_defaults(handler=cmd_serve)
 
 

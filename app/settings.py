@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     )
 
     max_body_bytes: int = Field(default=4_000_000, ge=1024, description="Larger request bodies get 413.")
+    # Slow clients: uvicorn bounds only the idle time between requests, dmft serve the rest.
+    header_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="A request's headers must arrive within this, else 408."
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="A request's body must arrive within this after its headers, else 408."
+    )
+    keepalive_timeout_seconds: int = Field(default=5, ge=1, description="An idle kept-alive connection is closed.")
+    max_connections: int = Field(
+        default=2048, ge=1, description="Open connections per worker process; more are closed when accepted."
+    )
     max_batch_windows: int = Field(default=256, ge=1, description="Windows in one /v1/predict/batch request.")
 
     webhooks: list[WebhookTarget] = Field(
