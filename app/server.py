@@ -7,7 +7,8 @@ uvicorn runs the app; what it leaves to its caller is done here:
 - Several workers share their metrics through ``PROMETHEUS_MULTIPROC_DIR``: the directory is made
   when missing (and removed on exit when the service made it), the files of a previous run are
   cleared, and a worker that died is marked dead, so that its last gauge readings leave ``/metrics``.
-- Workers that keep dying stop the service with a failure status, so that whatever supervises it
+- Workers, even a lone one, run under a supervisor process that replaces one that died; workers
+  that keep dying stop the service with a failure status, so that whatever supervises it
   (Docker's restart policy, systemd) sees the failure instead of an endless restart loop.
 - Every worker logs the service's own lines (models loaded, store in use), as one process does.
 - Slow and numerous clients are bounded by the HTTP protocol of ``app/http_protocol.py``.
@@ -99,10 +100,7 @@ def serve(options: ServeOptions, settings: Settings | None = None) -> int:
             log_level=options.log_level,
             access_log=options.access_log,
         )
-        if workers == 1:
-            server = uvicorn.Server(config)
-            server.run()
-            return 0 if server.started else STARTUP_FAILURE
+        # Even one worker runs under the supervisor: it outlives the worker to clean up after it.
         supervisor = Supervisor(config, sockets=[config.bind_socket()], metrics_dir=metrics_dir)
         supervisor.run()
         return supervisor.exit_status()
