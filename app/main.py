@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from app.errors import install_error_handlers
 from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from app.routes import dashboard, health, models, predict, sessions
+from app.routes.docs import install_docs
 from app.services import open_services
 from app.settings import Settings
 
@@ -31,7 +32,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Human activity recognition from multi-modal sensor windows (Distilled Mid-Fusion Transformer).",
         lifespan=lifespan,
+        # FastAPI's pages would load their scripts from a CDN; these come from the service.
+        docs_url=None,
+        redoc_url=None,
     )
+    install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     # Added last, so outermost: it also times the answers of the body limit.

@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 
 from app import metrics
 from app.main import create_app
-from tools.cdp import CHROMIUM, Page, chromium
+from tools.cdp import Page
 from tools.stack import Server, run_service
 from tools.traffic import MODALITIES, WatchData
 
@@ -213,18 +213,6 @@ def test_dashboard_page_is_self_contained(client: TestClient) -> None:
 def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Server]:
     with run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix) as running:
         yield running
-
-
-@pytest.fixture
-def page(tmp_path: Path) -> Iterator[Page]:
-    if not os.access(CHROMIUM, os.X_OK):
-        reason = f"no Chromium at {CHROMIUM}: apt-get install chromium, or set CHROMIUM"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with chromium(tmp_path) as opened:
-        yield opened
-        assert not opened.errors, f"the page threw or logged errors: {opened.errors}"
 
 
 def js(value: str) -> str:

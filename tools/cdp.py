@@ -83,13 +83,18 @@ class Page:
     """One tab: navigate, evaluate JavaScript, wait for a condition, take screenshots.
 
     Uncaught exceptions and ``console.error`` calls of the page are collected in ``errors``
-    as they arrive, so a test can assert that the page never failed.
+    as they arrive, so a test can assert that the page never failed. Once the ``Network``
+    domain is enabled, every request the page makes is collected in ``requests`` (its URL by
+    request id), and those the browser refused to send in ``blocked`` (the reason, such as
+    ``csp``, by request id).
     """
 
     def __init__(self, devtools: DevTools, session_id: str) -> None:
         self._devtools = devtools
         self._session_id = session_id
         self.errors: list[str] = []
+        self.requests: dict[str, str] = {}
+        self.blocked: dict[str, str] = {}
         devtools.on_event = self._event
 
     def call(self, method: str, **params: Any) -> dict[str, Any]:
@@ -142,6 +147,10 @@ class Page:
         method, params = message["method"], message.get("params", {})
         if method == "Runtime.exceptionThrown":
             self.errors.append(_describe(params["exceptionDetails"]))
+        elif method == "Network.requestWillBeSent":
+            self.requests[params["requestId"]] = params["request"]["url"]
+        elif method == "Network.loadingFailed" and params.get("blockedReason"):
+            self.blocked[params["requestId"]] = params["blockedReason"]
         elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
             self.errors.append(" ".join(str(arg.get("value", arg.get("description", ""))) for arg in params["args"]))
 
