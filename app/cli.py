@@ -94,15 +94,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     import functools
 
     from app.client import SESSION_ID, ActivityClient, ClientError
-    from app.replay import ReplayInputError, Summary, check_against_model, load_recording, replay
+    from app.replay import Lines, ProgressBar, ReplayInputError, Summary, check_against_model, load_recording, replay
     from app.schemas import SESSION_ID_RULE
 
-    if not SESSION_ID.match(args.session):
+    if not SESSION_ID.fullmatch(args.session):
         raise ReplayInputError(f"--session {args.session!r}: {SESSION_ID_RULE}")
     if not args.chunk_seconds > 0:
         raise ReplayInputError("--chunk-seconds must be positive")
     recording = load_recording(args.file, args.recording)
-    # httpx logs every request; the replay prints its own line per window.
+    # httpx logs every request; the replay reports its own progress.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     echo = functools.partial(print, flush=True)
     summary = Summary()
@@ -111,16 +111,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
         try:
             models = {info.name: info for info in client.models().models}
             check_against_model(recording, models["teacher" if args.model == "teacher" else "student"])
-            replay(
-                recording,
-                client,
-                args.session,
-                model=args.model,
-                speed=args.speed,
-                chunk_seconds=args.chunk_seconds,
-                echo=echo,
-                summary=summary,
-            )
+            tty = sys.stdout.isatty()
+            report = ProgressBar(recording.chunk_count(args.chunk_seconds), args.session) if tty else Lines(echo)
+            try:
+                replay(
+                    recording,
+                    client,
+                    args.session,
+                    model=args.model,
+                    speed=args.speed,
+                    chunk_seconds=args.chunk_seconds,
+                    report=report,
+                    summary=summary,
+                )
+            finally:
+                report.close()  # the bar ends above what is printed next
         except ClientError as error:
             print(f"dmft replay: error: {error}", file=sys.stderr)
             return 1
@@ -133,14 +138,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def add_replay(commands: argparse._SubParsersAction) -> None:
-    replay = commands.add_parser("replay", help="stream a recording to a session and score the predictions")
+    replay = commands.add_parser(
+        "replay",
+        help="stream a recording to a session and score the predictions",
+        description="Stream a recording to a new session as a sensor gateway would, and score the predictions. "
+        "On a terminal a progress bar shows the chunks sent; otherwise each window and transition is a line.",
+        formatter_class=HelpFormatter,
+    )
     replay.add_argument("file", type=Path, help=".npz window dataset (with 'recording') or .csv with a time column")
     replay.add_argument("--session", required=True, help="session id to stream to (a new one)")
-    replay.add_argument("--speed", type=_speed, default=1.0, help="1 (real time), 10, ... or max (default 1)")
-    replay.add_argument("--url", default="http://127.0.0.1:8000", help="the service")
-    replay.add_argument("--model", choices=["student", "teacher", "cascade"], default="student")
+    replay.add_argument(
+        "--speed", type=_speed, default=1.0, help="times real time: 1 (real time), 10, ..., or max (no pauses)"
+    )
+    replay.add_argument(
+        "--url", default=os.environ.get("DMFT_URL", "http://127.0.0.1:8000"), help="the service (else DMFT_URL)"
+    )
+    replay.add_argument(
+        "--model", choices=["student", "teacher", "cascade"], default="student", help="model of the session"
+    )
     replay.add_argument("--chunk-seconds", type=float, default=1.0, help="seconds of samples per chunk")
-    replay.add_argument("--recording", type=int, help="recording id in an .npz file (default: the first)")
+    replay.add_argument("--recording", type=int, help="recording id in an .npz file (default: the file's first)")
     replay.set_defaults(handler=cmd_replay)
 
 

@@ -10,7 +10,9 @@ A recording is continuous samples per modality, from either input the project kn
 
 Chunks go out at real time, ten times that, or as fast as the service answers, through the
 retrying client. Labels, when the input has them, score each window the service classified:
-its truth is the label most of its samples carry.
+its truth is the label most of its samples carry. What happens is reported as it happens: a
+line per window and per transition (``Lines``), or on a terminal a progress bar of the chunks
+sent, with the transitions printed above it (``ProgressBar``).
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import csv
 import itertools
 import math
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Protocol, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from app.client import ActivityClient, ServiceError
 from app.schemas import ModelChoice, ModelInfo, SamplesResponse
@@ -66,6 +71,9 @@ class Recording:
             if not chunk:
                 return
             yield chunk
+
+    def chunk_count(self, seconds: float) -> int:
+        return sum(1 for _ in self.chunks(seconds))
 
     def truth(self, start_seconds: float, end_seconds: float) -> str | None:
         """The label most samples of ``[start, end)`` carry; None without labels."""
@@ -225,6 +233,60 @@ class Summary:
         ]
 
 
+class Report(Protocol):
+    """Where a replay tells what happens, as it happens."""
+
+    def window(self, line: str) -> None: ...
+
+    def transition(self, line: str) -> None: ...
+
+    def sent(self, summary: Summary) -> None:
+        """A chunk was answered; ``summary`` holds everything so far."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Lines:
+    """A line per window and per transition: for a log, a pipe or a file."""
+
+    echo: Callable[[str], None] = print
+
+    def window(self, line: str) -> None:
+        self.echo(line)
+
+    def transition(self, line: str) -> None:
+        self.echo(line)
+
+    def sent(self, summary: Summary) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class ProgressBar:
+    """For a terminal: a bar of the chunks sent (rate, time left, windows and accuracy so far), the
+    transitions printed above it; windows are counted, not listed."""
+
+    def __init__(self, chunks: int, session_id: str, file: TextIO = sys.stdout) -> None:
+        self.bar = tqdm(total=chunks, desc=session_id, unit="chunk", file=file, dynamic_ncols=True)
+
+    def window(self, line: str) -> None:
+        pass
+
+    def transition(self, line: str) -> None:
+        self.bar.write(line)
+
+    def sent(self, summary: Summary) -> None:
+        accuracy = "n/a" if summary.accuracy is None else f"{summary.accuracy:.3f}"
+        self.bar.set_postfix(windows=summary.windows, accuracy=accuracy, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def replay(
     recording: Recording,
     client: ActivityClient,
@@ -233,7 +295,7 @@ def replay(
     model: ModelChoice = "student",
     speed: float | None = 1.0,
     chunk_seconds: float = 1.0,
-    echo: Callable[[str], None] = print,
+    report: Report | None = None,
     summary: Summary | None = None,
 ) -> Summary:
     """Send the recording as chunks of ``chunk_seconds`` at ``speed`` times real time (None: no pause).
@@ -242,6 +304,7 @@ def replay(
     """
     if min(recording.rates.values()) * chunk_seconds < 1:
         raise ReplayInputError(f"--chunk-seconds {chunk_seconds:g} is shorter than one sample")
+    report = report or Lines()
     origin = recording.origin or datetime.now(UTC)
     stream = client.stream(session_id, model)
     summary = Summary() if summary is None else summary
@@ -261,11 +324,12 @@ def replay(
             raise
         summary.latencies_ms.append(1000 * (time.perf_counter() - sent))
         summary.chunks += 1
-        _report(response, recording, summary, echo)
+        _report(response, recording, summary, report)
+        report.sent(summary)
     return summary
 
 
-def _report(response: SamplesResponse, recording: Recording, summary: Summary, echo: Callable[[str], None]) -> None:
+def _report(response: SamplesResponse, recording: Recording, summary: Summary, report: Report) -> None:
     for prediction in response.predictions:
         truth = recording.truth(prediction.start_seconds, prediction.end_seconds)
         summary.windows += 1
@@ -273,13 +337,13 @@ def _report(response: SamplesResponse, recording: Recording, summary: Summary, e
             summary.scored += 1
             summary.correct += prediction.activity == truth
         label = "" if truth is None else f"  label {truth}" + ("" if prediction.activity == truth else "  (miss)")
-        echo(
+        report.window(
             f"window {prediction.window:4d}  {prediction.start_seconds:7.1f}-{prediction.end_seconds:.1f} s  "
             f"{prediction.activity:<22} {prediction.confidence:.2f}{label}"
         )
     for transition in response.transitions:
         summary.transitions += 1
-        echo(
+        report.transition(
             f"transition  {transition.from_activity} -> {transition.to_activity}  at {transition.time.isoformat()}  "
             f"(window {transition.window}, confidence {transition.confidence:.2f})"
         )

@@ -49,6 +49,11 @@ WORKER_DEATH_WINDOW_S = 60.0
 # the store's connections, the model files, pipes and logs.
 CONNECTION_SHARE_OF_FILES = 0.75
 CRASH_LOOP = 1  # exit status when workers kept dying
+# How long a worker may take to answer the supervisor's ping before it is taken for hung and
+# replaced. uvicorn's 5 s is shorter than a worker's start takes on a busy machine (its answering
+# thread starts only once the interpreter has started and unpickled it), which would kill workers
+# that are merely starting, over and over.
+WORKER_HEALTHCHECK_S = 30
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ def serve(options: ServeOptions, settings: Settings | None = None) -> int:
             workers=workers,
             http=HTTP_PROTOCOL,
             timeout_keep_alive=settings.keepalive_timeout_seconds,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
             log_config=logging_config(options.log_level),
             log_level=options.log_level,
             access_log=options.access_log,

@@ -1,11 +1,11 @@
-"""The service installed as a user's machine or the image installs it, checked without Docker or the network.
+"""The service installed as a user installs it, checked without Docker or the network.
 
 ``Dockerfile`` reads the instructions that matter to a run (``COPY`` of the build stage, ``ENV``,
 ``USER``, ``WORKDIR``, ``EXPOSE``, ``HEALTHCHECK``, ``CMD``) from the file itself.
-``fresh_install`` builds the project the way the image's ``pip install .`` does: a wheel from
-the files the build stage copies, installed (not editable) into a new virtual environment. Its
+``fresh_install`` installs the project into a new virtual environment the way the image's
+``pip install .`` does: a wheel of the files its build stage copies, not editable. Its
 dependencies are not downloaded again: the environment sees, through a ``.pth`` file, a folder
-of links to exactly the distributions that installing the wheel without extras would bring
+of links to exactly the distributions that installing the project without extras would bring
 (their closure, read from the metadata of this environment), so a module that only a
 development or training extra provides is missing there, as on a user's machine.
 """
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -173,7 +174,6 @@ class Installed:
     runs with ``env`` added to the environment."""
 
     venv: Path
-    wheel: Path
     env: dict[str, str]
 
     @property
@@ -224,7 +224,8 @@ def shared_interpreter(folder: Path) -> tuple[Path, dict[str, str]]:
 
 @contextmanager
 def fresh_install(dockerfile: Dockerfile) -> Iterator[Installed]:
-    """The project as the image's build stage installs it: built from what it copies, not editable."""
+    """The project installed into a fresh environment, without extras, as the image's build stage
+    installs it: a wheel built from what that stage copies, not editable."""
     root = readable_folder("dmft-install-")
     try:
         context = root / "context"
@@ -232,11 +233,10 @@ def fresh_install(dockerfile: Dockerfile) -> Iterator[Installed]:
         ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
         for source in dockerfile.copied():
             path = ROOT / source
-            target = context / source
             if path.is_dir():
-                shutil.copytree(path, target, ignore=ignore)
+                shutil.copytree(path, context / source, ignore=ignore)
             else:
-                shutil.copy(path, target)
+                shutil.copy(path, context / source)
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(context)])
         (wheel,) = (root / "dist").glob("*.whl")
@@ -251,9 +251,16 @@ def fresh_install(dockerfile: Dockerfile) -> Iterator[Installed]:
         dependencies = root / "dependencies"
         link_distributions(dependency_closure(requirements), dependencies)
         (site_packages / "dependencies.pth").write_text(f"{dependencies}\n")
-        yield Installed(venv=venv, wheel=wheel, env=interpreter_env)
+        yield Installed(venv=venv, env=interpreter_env)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def installed() -> Iterator[Installed]:
+    """The project as the image installs it, in a fresh environment; one for the whole test run."""
+    with fresh_install(Dockerfile.read()) as done:
+        yield done
 
 
 def as_user(uid: int, installed: Installed) -> list[str]:

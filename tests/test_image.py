@@ -33,7 +33,7 @@ import yaml
 from tools.stack import free_port, stop_group
 from tools.traffic import WatchData
 
-from .install_fixtures import IMAGE_PATH, ROOT, Dockerfile, Installed, as_user, fresh_install, readable_folder
+from .install_fixtures import IMAGE_PATH, ROOT, Dockerfile, Installed, as_user, readable_folder
 from .redis_fixtures import RedisTarget
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -44,12 +44,6 @@ LOOPBACK = "127.0.0.1"
 @pytest.fixture(scope="module")
 def dockerfile() -> Dockerfile:
     return Dockerfile.read()
-
-
-@pytest.fixture(scope="module")
-def installed(dockerfile: Dockerfile) -> Iterator[Installed]:
-    with fresh_install(dockerfile) as done:
-        yield done
 
 
 def _seconds(duration: str) -> float:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
+import pty
 import re
+import struct
 import subprocess
+import termios
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +25,7 @@ from tools.traffic import WatchData
 
 from .service_fixtures import HOP, WINDOW
 
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "recording.csv"  # 15 s of one exercise, 15 s of another
 CSV_START = 1_767_225_600.0  # 2026-01-01T00:00:00Z: a CSV in epoch seconds gives the session its clock
 SUMMARY = re.compile(
     r"windows: (\d+)\ntransitions: (\d+)\naccuracy: ([\d.]+) \((\d+)/(\d+)\)\n"
@@ -170,3 +176,38 @@ def test_replay_refuses_what_the_model_cannot_read(server: Server, watch_data: W
     ]:
         result = _replay(str(path), "--session", session, "--speed", "max", "--url", server.base)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def _on_a_terminal(*args: str, columns: int = 120) -> str:
+    """What ``dmft`` writes to a terminal ``columns`` wide (a pseudo-terminal here), carriage returns and all."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen([*dmft_command(), *args], stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal's other end closed: the command has exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert process.wait(timeout=120) == 0, output.decode(errors="replace")
+    return output.decode(errors="replace")
+
+
+def test_replay_on_a_terminal_shows_a_progress_bar_and_the_transitions(server: Server) -> None:
+    shown = _on_a_terminal("replay", str(EXAMPLE), "--session", "replay-tty", "--speed", "max", "--url", server.base)
+    assert "Traceback" not in shown, shown
+    lines = [line.strip() for line in shown.splitlines()]  # a bar is redrawn after a carriage return
+    # One bar, redrawn in place, of the 30 one-second chunks; windows are counted on it, not listed.
+    assert re.search(r"replay-tty: 100%\|.*\| 30/30 \[.*accuracy=0\.9\d+, windows=29\]", shown), shown
+    assert not any(line.startswith("window ") for line in lines), shown
+    transitions = [line for line in lines if line.startswith("transition  ")]
+    assert [line.split("  at ")[0] for line in transitions] == [
+        "transition  unknown -> trapezius_extension",
+        "transition  trapezius_extension -> upright_row",
+    ], shown
+    assert SUMMARY.search("\n".join(lines) + "\n"), shown

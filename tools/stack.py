@@ -110,8 +110,11 @@ def run_service(
     compile_models: bool = False,
     env: Mapping[str, str] | None = None,
     port: int | None = None,
+    dmft: Path | None = None,
 ) -> Iterator[Server]:
     """``dmft serve`` on ``port`` (else a free one), ready (``/readyz``) when this yields; killed afterwards.
+
+    ``dmft`` is the console script to run, by default this environment's.
 
     Sessions go to the Redis at ``redis_url`` under ``redis_prefix``, else stay in the server's
     process whatever ``REDIS_URL`` this environment sets. Models are traced only with
@@ -137,7 +140,8 @@ def run_service(
         metrics_dir = workdir / f"metrics-{port}"
         metrics_dir.mkdir()  # never one that holds another run's counters
         environment["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    command = [*dmft_command(), "serve", "--port", str(port), "--workers", str(workers), "--no-access-log"]
+    executable = [str(dmft)] if dmft else dmft_command()
+    command = [*executable, "serve", "--port", str(port), "--workers", str(workers), "--no-access-log"]
     with _running(command, env=environment, port=port, log=workdir / f"serve-{port}.log", ready="/readyz") as server:
         yield server
 
