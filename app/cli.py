@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from app.mqtt.limits import BridgeLimits
 from model import cli as model_cli
 
 
@@ -16,7 +17,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each option's help ends with its default, unless it has none to show (its help says what then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
+        if action.default is None or action.default is False or action.default == "":
             return action.help
         return super()._get_help_string(action)
 
@@ -182,20 +183,42 @@ def cmd_mqtt_bridge(args: argparse.Namespace) -> int:
         username=args.username,
         password=os.environ.get("DMFT_MQTT_PASSWORD"),
     )
-    asyncio.run(serve(settings, broker, Topics(args.topic_prefix, args.discovery_prefix)))
+    limits = BridgeLimits(max_sessions=args.max_sessions, max_queued_chunks=args.max_queued_chunks)
+    asyncio.run(serve(settings, broker, Topics(args.topic_prefix, args.discovery_prefix), limits))
     return 0
 
 
 def add_mqtt_bridge(commands: argparse._SubParsersAction) -> None:
-    bridge = commands.add_parser("mqtt-bridge", help="feed sessions from MQTT; announce them to Home Assistant")
-    bridge.add_argument("--broker-host", default="127.0.0.1")
-    bridge.add_argument("--broker-port", type=int, default=1883)
+    bridge = commands.add_parser(
+        "mqtt-bridge",
+        help="feed sessions from MQTT; announce them to Home Assistant",
+        description="Feed sessions from an MQTT broker through the service's session logic, and announce "
+        "them to Home Assistant. Its service settings are DMFT_* environment variables; see the README.",
+        formatter_class=HelpFormatter,
+    )
+    bridge.add_argument("--broker-host", default="127.0.0.1", help="the MQTT broker")
+    bridge.add_argument("--broker-port", type=int, default=1883, help="the broker's port")
     bridge.add_argument("--username", help="broker login; the password is read from DMFT_MQTT_PASSWORD")
-    bridge.add_argument("--client-id", default="", help="MQTT client id (default: assigned by the broker)")
+    bridge.add_argument("--client-id", default="", help="MQTT client id (empty: assigned by the broker)")
     bridge.add_argument("--topic-prefix", default="dmft", help="topics are <prefix>/<session>/samples, /state ...")
     bridge.add_argument("--discovery-prefix", default="homeassistant", help="Home Assistant's discovery prefix")
-    bridge.add_argument("--bundles", type=Path, help="directory with teacher/ and student/ (else DMFT_BUNDLES)")
-    bridge.add_argument("--redis-url", help="Redis shared with the HTTP service (else REDIS_URL)")
+    bridge.add_argument(
+        "--bundles", type=Path, help="directory with teacher/ and student/ (default: DMFT_BUNDLES, else the shipped)"
+    )
+    bridge.add_argument("--redis-url", help="Redis shared with the HTTP service (default: REDIS_URL)")
+    defaults = BridgeLimits()
+    bridge.add_argument(
+        "--max-sessions",
+        type=_positive_int,
+        default=defaults.max_sessions,
+        help="sessions carried at once; a chunk of one more is answered 'overloaded'",
+    )
+    bridge.add_argument(
+        "--max-queued-chunks",
+        type=_positive_int,
+        default=defaults.max_queued_chunks,
+        help="chunks one session may have waiting; more are answered 'overloaded'",
+    )
     bridge.set_defaults(handler=cmd_mqtt_bridge)
 
 

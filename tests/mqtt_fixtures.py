@@ -1,4 +1,5 @@
-"""The real Mosquitto broker, a test-side MQTT client that records what it sees, and a ``dmft mqtt-bridge``.
+"""The real Mosquitto broker, a test-side MQTT client that records what it sees, and a bridge: the
+``dmft mqtt-bridge`` command, or one run in the test's process where a test reads its bookkeeping.
 
 ``MQTT_TEST_HOST``/``MQTT_TEST_PORT`` name the broker (default 127.0.0.1:1883). Where it cannot
 be reached the tests skip, except on CI (``CI=true``), where that is a failure. Every test
@@ -8,6 +9,7 @@ are cleared afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -24,6 +26,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from app.mqtt.bridge import BrokerConfig, MqttBridge
+from app.mqtt.discovery import Topics
+from app.mqtt.limits import BridgeLimits
+from app.services import open_services
+from app.settings import Settings
 from tools.stack import dmft_command
 
 from .redis_fixtures import RedisTarget
@@ -162,3 +169,29 @@ def running_bridge(tmp_path: Path, redis: RedisTarget, watcher: Watcher) -> Iter
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def bridge_in_process(settings: Settings, watcher: Watcher, limits: BridgeLimits) -> Iterator[MqttBridge]:
+    """An ``MqttBridge`` on the test broker with real services, on an event loop of its own thread,
+    online when this yields (its bookkeeping open to the test); stopped afterwards."""
+    prefix, discovery_prefix = watcher.prefixes
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    started: list[MqttBridge] = []
+
+    async def run() -> None:
+        async with open_services(settings) as services:
+            bridge = MqttBridge(services, BrokerConfig(MQTT_HOST, MQTT_PORT), Topics(prefix, discovery_prefix), limits)
+            started.append(bridge)
+            await bridge.run(stop)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), name="mqtt-bridge")
+    thread.start()
+    try:
+        watcher.wait_for(f"{prefix}/bridge/status", lambda m: m.payload == b"online", timeout=STARTUP_TIMEOUT_S)
+        yield started[0]
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join()
+        loop.close()

@@ -6,22 +6,27 @@ separate MQTT client. The HTTP app on the same Redis prefix reads the sessions b
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.mqtt.discovery import Topics
+from app.mqtt.limits import BridgeLimits
+from app.settings import Settings
+from tools.stack import free_port
 from tools.traffic import MODALITIES, WatchData
 
-from .mqtt_fixtures import Bridge, Watcher, require_broker, running_bridge, unique_prefixes
+from .mqtt_fixtures import Bridge, Message, Watcher, bridge_in_process, require_broker, running_bridge, unique_prefixes
 from .redis_fixtures import RedisTarget
-from .service_fixtures import HOP, WINDOW
+from .service_fixtures import HOP, WINDOW, memory_settings
 
 CHUNK = 50  # one second at 50 Hz
 Chunk = dict[str, list[list[float]]]
@@ -161,3 +166,77 @@ def test_session_ids_that_differ_only_in_unsafe_characters_get_distinct_nodes() 
     nodes = {Topics().node(session_id) for session_id in ("kitchen.1", "kitchen:1", "kitchen_1", "kitchen-1")}
     assert len(nodes) == 4
     assert all(re.fullmatch(r"dmft_kitchen[_-]1_[0-9a-f]{8}", node) for node in nodes)
+
+
+# ---------- what a topic may cost: a bridge in the test's process, its bookkeeping read directly ----------
+
+TINY = {"seq": 0, "modalities": {"accelerometer": [[0.1, -0.9, 0.2]], "gyroscope": [[0.0, 0.1, 0.0]]}}
+
+
+def _all_on(watcher: Watcher, topic: str, count: int, timeout: float = 60) -> list[Message]:
+    """The first ``count`` messages on ``topic``, once that many arrived."""
+    deadline = time.monotonic() + timeout
+    while len(found := [m for m in list(watcher.messages) if m.topic == topic]) < count:
+        assert time.monotonic() < deadline, f"{len(found)} of {count} messages on {topic}"
+        time.sleep(0.05)
+    return found[:count]
+
+
+@pytest.fixture
+def own_watcher() -> Iterator[Watcher]:
+    """A watcher of the test's own prefixes (the module's ``watcher`` serves the bridge subprocess)."""
+    require_broker()
+    with Watcher(*unique_prefixes()) as running:
+        yield running
+
+
+def test_chunks_for_invalid_session_ids_are_rejected_before_anything_is_kept_for_them(own_watcher: Watcher) -> None:
+    prefix = own_watcher.prefixes[0]
+    with bridge_in_process(memory_settings(), own_watcher, BridgeLimits()) as bridge:
+        bogus = ["x" * 129, "ünicode", "semi;colon", *[f"bad id {i}" for i in range(300)]]
+        for session_id in bogus:
+            own_watcher.publish(f"{prefix}/{session_id}/samples", TINY)
+        # A trailing newline, which this broker refuses to carry but others may: handed over as paho would.
+        message = mqtt.MQTTMessage(topic=f"{prefix}/kitchen\n/samples".encode())
+        message.payload = json.dumps(TINY).encode()
+        bridge.client.on_message(bridge.client, None, message)
+
+        rejected = _all_on(own_watcher, f"{prefix}/bridge/rejected", len(bogus) + 1)
+        errors = [m.json()["error"] for m in rejected]
+        assert {error["code"] for error in errors} == {"invalid_input"}
+        assert "'kitchen\\n'" in errors[-1]["message"] and "1 to 128 letters" in errors[-1]["message"]
+        assert bridge.session_workers == 0
+    assert not [m.topic for m in own_watcher.messages if m.topic.endswith(("/state", "/error"))]
+
+
+def test_session_workers_are_capped_and_retire_when_idle(own_watcher: Watcher) -> None:
+    prefix = own_watcher.prefixes[0]
+    with bridge_in_process(memory_settings(), own_watcher, BridgeLimits(max_sessions=2, idle_seconds=1.0)) as bridge:
+        for session_id in ("cap-1", "cap-2", "cap-3"):
+            own_watcher.publish(f"{prefix}/{session_id}/samples", TINY)
+        refused = own_watcher.wait_for(f"{prefix}/cap-3/error").json()["error"]
+        assert refused["code"] == "overloaded" and "2 sessions at most" in refused["message"], refused
+        for session_id in ("cap-1", "cap-2"):
+            own_watcher.wait_for(f"{prefix}/{session_id}/state")
+        assert bridge.session_workers == 2
+
+        deadline = time.monotonic() + 20
+        while bridge.session_workers:
+            assert time.monotonic() < deadline, f"{bridge.session_workers} idle session workers still there"
+            time.sleep(0.1)
+        own_watcher.publish(f"{prefix}/cap-3/samples", TINY)  # sent again, as the refusal asked
+        assert own_watcher.wait_for(f"{prefix}/cap-3/state").json()["activity"] == "unknown"
+
+
+def test_a_session_waiting_on_its_store_queues_a_bounded_number_of_chunks(own_watcher: Watcher) -> None:
+    prefix = own_watcher.prefixes[0]
+    unreachable = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", compile_models=False)
+    with bridge_in_process(unreachable, own_watcher, BridgeLimits(max_queued_chunks=2)) as bridge:
+        # The first chunk is retried while the store is down; the next two wait behind it; the rest are refused.
+        for seq in range(8):
+            own_watcher.publish(f"{prefix}/stuck-1/samples", {**TINY, "seq": seq})
+        refused = _all_on(own_watcher, f"{prefix}/stuck-1/error", 5)
+        for message in refused:
+            error = message.json()["error"]
+            assert error["code"] == "overloaded" and "2 chunks of this session are queued" in error["message"], error
+        assert bridge.session_workers == 1

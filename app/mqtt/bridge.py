@@ -6,6 +6,12 @@ the broker delivered them (sessions proceed side by side). A chunk goes through 
 ``SessionService.append`` of the HTTP app, on the same store, so a session may be fed over MQTT
 and read over HTTP. Overload and store outages (503) are retried here, as the HTTP client
 would, with the chunk's own ``seq``: a repeat is acknowledged as a duplicate, never appended twice.
+
+What a topic may cost is bounded (``BridgeLimits``): a chunk for an invalid session id is
+answered on the bridge's ``rejected`` topic before anything is kept for it; a session's worker
+retires once it has been idle a while; and the workers, and the chunks each may hold queued,
+are capped, a chunk beyond a cap answered ``overloaded`` on its session's error topic (to be
+sent again later).
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import paho.mqtt.client as mqtt
 from pydantic import ValidationError
 
 from app.client import SESSION_ID, RetryPolicy
-from app.errors import ApiError, invalid_fields, invalid_input
+from app.errors import ApiError, invalid_fields, invalid_input, unavailable
 from app.mqtt.discovery import OFFLINE, ONLINE, Topics, discovery_configs
+from app.mqtt.limits import BridgeLimits
 from app.schemas import SESSION_ID_RULE, SamplesChunk, SamplesResponse
 from app.services import Services, open_services
 from app.settings import Settings
@@ -47,10 +54,13 @@ class BrokerConfig:
 
 
 class MqttBridge:
-    def __init__(self, services: Services, broker: BrokerConfig, topics: Topics) -> None:
+    def __init__(
+        self, services: Services, broker: BrokerConfig, topics: Topics, limits: BridgeLimits | None = None
+    ) -> None:
         self.services = services
         self.broker = broker
         self.topics = topics
+        self.limits = limits or BridgeLimits()
         self.retry = RetryPolicy(attempts=10, max_backoff=30.0)  # rides out about a minute of overload or outage
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=broker.client_id)
         if broker.username is not None:
@@ -86,6 +96,11 @@ class MqttBridge:
             self.client.disconnect()
             self.client.loop_stop()
 
+    @property
+    def session_workers(self) -> int:
+        """Sessions with a worker (and a queue) now."""
+        return len(self._queues)
+
     # paho's network thread
 
     def _on_connect(
@@ -120,20 +135,33 @@ class MqttBridge:
         session_id = self.topics.session_of(topic)
         if session_id is None:
             return
+        if not SESSION_ID.fullmatch(session_id):
+            error = invalid_input(f"topic {topic!r}: session id {session_id!r}: {SESSION_ID_RULE}")
+            self.client.publish(self.topics.rejected, json.dumps(error.body()), qos=QOS)
+            return
         queue = self._queues.get(session_id)
         if queue is None:
-            queue = self._queues[session_id] = asyncio.Queue()
+            if len(self._queues) >= self.limits.max_sessions:
+                self._refuse(session_id, f"the bridge carries {self.limits.max_sessions} sessions at most")
+                return
+            queue = self._queues[session_id] = asyncio.Queue(self.limits.max_queued_chunks)
             worker = asyncio.create_task(self._work(session_id, queue), name=f"mqtt-session-{session_id}")
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
+        if queue.full():
+            self._refuse(session_id, f"{self.limits.max_queued_chunks} chunks of this session are queued already")
+            return
         queue.put_nowait(payload)
 
+    def _refuse(self, session_id: str, why: str) -> None:
+        retry_after = self.services.settings.retry_after_seconds
+        self._publish(session_id, "error", unavailable("overloaded", f"chunk not taken: {why}", retry_after).body())
+
     async def _work(self, session_id: str, queue: asyncio.Queue[bytes]) -> None:
-        """Process one session's chunks in order; end once it has been idle as long as a session lives."""
-        idle = self.services.settings.session_ttl_seconds
+        """Process one session's chunks in order; end once it has been idle a while."""
         while True:
             try:
-                payload = await asyncio.wait_for(queue.get(), idle)
+                payload = await asyncio.wait_for(queue.get(), self.limits.idle_seconds)
             except TimeoutError:
                 if queue.empty():  # nothing can arrive in between: the loop runs one callback at a time
                     del self._queues[session_id]
@@ -150,10 +178,6 @@ class MqttBridge:
                 queue.task_done()
 
     async def _process(self, session_id: str, payload: bytes) -> None:
-        if not SESSION_ID.match(session_id):
-            message = f"session id {session_id!r}: {SESSION_ID_RULE}"
-            self._publish(session_id, "error", invalid_input(message).body())
-            return
         try:
             chunk = SamplesChunk.model_validate_json(payload)
         except ValidationError as error:
@@ -240,11 +264,11 @@ async def _within(awaitable: Awaitable[object], seconds: float) -> bool:
     return True
 
 
-async def serve(settings: Settings, broker: BrokerConfig, topics: Topics) -> None:
+async def serve(settings: Settings, broker: BrokerConfig, topics: Topics, limits: BridgeLimits) -> None:
     """Load the models, open the store and bridge until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     async with open_services(settings) as services:
-        await MqttBridge(services, broker, topics).run(stop)
+        await MqttBridge(services, broker, topics, limits).run(stop)

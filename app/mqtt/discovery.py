@@ -38,6 +38,12 @@ class Topics:
         return f"{self.prefix}/bridge/status"
 
     @property
+    def rejected(self) -> str:
+        """Where a chunk whose topic names no valid session is answered: not on a topic made of that
+        name, which a broker may refuse (and drop the connection for)."""
+        return f"{self.prefix}/bridge/rejected"
+
+    @property
     def birth(self) -> str:
         """Where Home Assistant says ``online`` when it (re)starts, and wants the configs again."""
         return f"{self.discovery_prefix}/status"
