@@ -1,9 +1,11 @@
-"""The service and Prometheus as real processes on this machine, configured as ``docker-compose.yml`` runs them.
+"""The service, Prometheus and HAProxy as real processes on this machine, configured as ``docker-compose.yml``
+runs them.
 
 The tests that go over real HTTP, the monitoring tests and both README pictures start them
 from here: ``dmft serve`` (with several workers ``/metrics`` goes through the multiprocess
-collector, as in the image), and the Prometheus binary with the shipped ``prometheus.yml``
-and ``alerts.yml``, where only the compose DNS discovery is replaced by the one local address.
+collector, as in the image), the Prometheus binary with the shipped ``prometheus.yml``
+and ``alerts.yml``, where only the compose DNS discovery is replaced by the one local address,
+and HAProxy with the shipped ``haproxy.cfg``, where the compose service ``api`` is replaced so.
 """
 
 from __future__ import annotations
@@ -184,6 +186,33 @@ def run_prometheus(workdir: Path, *, target: str, scrape_interval: str = "1s") -
         "--log.level=warn",
     ]
     with _running(command, env=os.environ, port=port, log=workdir / "prometheus.log", ready="/-/ready") as server:
+        yield server.base
+
+
+@contextmanager
+def run_proxy(workdir: Path, *, target: str, config: Path, replace: Mapping[str, str] | None = None) -> Iterator[str]:
+    """HAProxy with the shipped ``config`` on a free local port, in front of ``target`` (``host:port``)
+    instead of the compose service ``api``; yields its base URL once ``/readyz`` answers through it.
+
+    ``replace`` changes whole lines of the configuration (by their first words), as a test that
+    cannot wait for the shipped timeouts needs.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    lines = []
+    for line in config.read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["bind"]:
+            line = f"    bind 127.0.0.1:{port}"
+        elif words[:1] == ["server"]:
+            line = line.replace(words[2], target)
+        for start, replacement in (replace or {}).items():
+            if line.strip().startswith(start):
+                line = f"    {replacement}"
+        lines.append(line)
+    (workdir / "haproxy.cfg").write_text("\n".join(lines) + "\n")
+    command = ["haproxy", "-db", "-f", str(workdir / "haproxy.cfg")]
+    with _running(command, env=os.environ, port=port, log=workdir / "haproxy.log", ready="/readyz") as server:
         yield server.base
 
 
