@@ -4,7 +4,7 @@ FROM python:3.11-slim-bookworm AS build
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY model ./model
 COPY app ./app
 # The CPU wheel of torch keeps the image at a fraction of the CUDA build's size.

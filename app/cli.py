@@ -147,7 +147,7 @@ def add_replay(commands: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     replay.add_argument("file", type=Path, help=".npz window dataset (with 'recording') or .csv with a time column")
-    replay.add_argument("--session", required=True, help="session id to stream to (a new one)")
+    replay.add_argument("--session", required=True, help="session id to stream to, a new one (required)")
     replay.add_argument(
         "--speed", type=_speed, default=1.0, help="times real time: 1 (real time), 10, ..., or max (no pauses)"
     )
@@ -198,8 +198,8 @@ def add_mqtt_bridge(commands: argparse._SubParsersAction) -> None:
     )
     bridge.add_argument("--broker-host", default="127.0.0.1", help="the MQTT broker")
     bridge.add_argument("--broker-port", type=int, default=1883, help="the broker's port")
-    bridge.add_argument("--username", help="broker login; the password is read from DMFT_MQTT_PASSWORD")
-    bridge.add_argument("--client-id", default="", help="MQTT client id (empty: assigned by the broker)")
+    bridge.add_argument("--username", help="broker login (default: none); its password is read from DMFT_MQTT_PASSWORD")
+    bridge.add_argument("--client-id", default="", help="MQTT client id (default: none, the broker assigns one)")
     bridge.add_argument("--topic-prefix", default="dmft", help="topics are <prefix>/<session>/samples, /state ...")
     bridge.add_argument("--discovery-prefix", default="homeassistant", help="Home Assistant's discovery prefix")
     bridge.add_argument(

@@ -182,6 +182,14 @@ def _predict(running: Container, watch_data: WatchData) -> None:
             assert response.json()["activity"] in watch_data.class_names
 
 
+def test_the_build_context_holds_what_the_build_copies(dockerfile: Dockerfile) -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert ignored[0] == "*", "the context leaves everything out but what is let through"
+    for source in dockerfile.copied():
+        assert f"!{source}" in ignored or f"!{source}/" in ignored, f"{source} is left out of the build context"
+
+
 def test_the_image_command_starts_healthy_unprivileged_from_a_fresh_install(
     dockerfile: Dockerfile, installed: Installed, watch_data: WatchData
 ) -> None:

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from tools.stack import Server, run_service
+from tools.stack import Server, dmft_command, run_service
 from tools.traffic import WatchData
 
 from .redis_fixtures import RedisTarget
@@ -295,3 +295,19 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_the_service_recover
         time.sleep(0.1)
     samples = parse_metrics(httpx.get(f"{guarded.base}/metrics", trust_env=False).text)
     assert metric_value(samples, "dmft_errors_total", {"reason": "connection_limit"}) >= 1
+
+
+@pytest.mark.parametrize("command", ["serve", "replay", "mqtt-bridge"])
+def test_every_option_of_the_service_commands_has_help_and_shows_its_default(command: str) -> None:
+    shown = subprocess.run([*dmft_command(), command, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    options = re.split(r"\n(?=  -)", shown.stdout.split("options:\n", 1)[1])
+    assert len(options) >= 5, shown.stdout
+    for option in options:
+        name, _, text = option.strip().partition("  ")
+        described = " ".join(text.split())
+        assert described, f"{command} {name}: no help"
+        if name.startswith("-h"):
+            continue
+        # Each option says what it defaults to, in argparse's words or its own.
+        assert "default:" in described or "required" in described or "else" in described, f"{command} {name}"
