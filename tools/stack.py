@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +113,12 @@ def run_service(
     env: Mapping[str, str] | None = None,
     port: int | None = None,
     dmft: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[Server]:
     """``dmft serve`` on ``port`` (else a free one), ready (``/readyz``) when this yields; killed afterwards.
 
-    ``dmft`` is the console script to run, by default this environment's.
+    ``dmft`` is the console script to run, by default this environment's; ``wrapper`` is a command
+    that runs it (``prlimit --nofile=256:256 --``, say).
 
     Sessions go to the Redis at ``redis_url`` under ``redis_prefix``, else stay in the server's
     process whatever ``REDIS_URL`` this environment sets. Models are traced only with
@@ -143,7 +145,7 @@ def run_service(
         metrics_dir.mkdir()  # never one that holds another run's counters
         environment["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     executable = [str(dmft)] if dmft else dmft_command()
-    command = [*executable, "serve", "--port", str(port), "--workers", str(workers), "--no-access-log"]
+    command = [*wrapper, *executable, "serve", "--port", str(port), "--workers", str(workers), "--no-access-log"]
     with _running(command, env=environment, port=port, log=workdir / f"serve-{port}.log", ready="/readyz") as server:
         yield server
 
