@@ -22,7 +22,8 @@ from model.config import DMFTConfig, ModalitySpec
 from model.data import WindowDataset, save_npz
 from model.dmft import DMFT
 
-# Fixtures of the HTTP service tests: the real test Redis and the real watch data.
+# Fixtures of the HTTP service tests (the real test Redis and the real watch data) and of the ONNX exports.
+from .export_fixtures import shipped_exports, tiny_export  # noqa: F401
 from .redis_fixtures import module_redis_target, redis_target  # noqa: F401
 from .service_fixtures import no_server_errors, watch_data  # noqa: F401
 
