@@ -15,11 +15,11 @@ import pytest
 
 from model.edge import SIDECAR_VERSION, load_onnx, sidecar_path
 from model.inputs import InputError
+from tools.sources import copy_project
 from tools.traffic import WatchData
 
 from .export_fixtures import Export, tiny_windows
 
-ROOT = Path(__file__).resolve().parent.parent
 INSTALL_TIMEOUT_S = 300
 
 
@@ -114,21 +114,10 @@ EDGE_SCRIPT = textwrap.dedent(
 )
 
 
-def _copy_sources(destination: Path) -> None:
-    """What ``pip install`` needs of the project, without the torch weights and caches."""
-    ignore = shutil.ignore_patterns("__pycache__", "weights")
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, destination / name)
-    for package in ("model", "app"):
-        shutil.copytree(ROOT / package, destination / package, ignore=ignore)
-
-
 def test_edge_install_has_no_torch_and_answers_like_the_bundle(
     shipped_exports: dict[str, Export], watch_data: WatchData, tmp_path: Path
 ) -> None:
-    source = tmp_path / "source"
-    source.mkdir()
-    _copy_sources(source)
+    source = copy_project(tmp_path / "source", weights=False)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
