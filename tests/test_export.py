@@ -181,6 +181,10 @@ def test_cli_export_int8_student_is_calibrated_smaller_and_close_to_float32(
     metrics = model.metrics
     assert metrics["n"] == len(watch_data.test) and metrics["held_out_subjects"] == watch_data.held_out_subjects
     assert set(metrics["missing_modality"]) == {"accelerometer", "gyroscope"}
+    # Fixed activation ranges: a window's answer does not depend on the windows batched with it.
+    windows = {name: array[watch_data.test[:8]] for name, array in watch_data.dataset.arrays.items()}
+    alone = model.predict({name: array[:1] for name, array in windows.items()})
+    np.testing.assert_allclose(alone, model.predict(windows)[:1], rtol=0, atol=1e-6)
     # Loose guards against broken calibration; the goals themselves are measured by bench/backends.py.
     assert metrics["accuracy"] >= metrics["float32_accuracy"] - 0.02
     assert out.stat().st_size < shipped_exports["student"].path.stat().st_size / 2
