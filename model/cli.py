@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None, extensions: Iterable[Extension] = ()) ->
         stream=sys.stderr,
     )
     from model.data import DatasetError
-    from model.train import TrainingError
+    from model.errors import TrainingError
 
     try:
         return args.handler(args)

@@ -145,3 +145,12 @@ def test_edge_install_has_no_torch_and_answers_like_the_bundle(
     got, expected = np.load(tmp_path / "probabilities.npy"), exported.bundle.predict(windows)
     assert np.abs(got - expected).max() <= 1e-4
     np.testing.assert_array_equal(got.argmax(axis=1), expected.argmax(axis=1))
+
+    # Commands that need torch say which extra brings it.
+    dmft = str(venv / "bin" / "dmft")
+    needs = {("serve", "--port", "1"): "torch", ("export", "--bundle", "b", "--out", "x.onnx"): "export"}
+    for command, extra in needs.items():
+        refused = subprocess.run([dmft, *command], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2
+        assert refused.stderr.startswith(f"dmft {command[0]}: error: No module named ")
+        assert refused.stderr.endswith(f"; pip install 'dmft-activity[{extra}]'\n")
