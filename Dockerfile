@@ -10,7 +10,7 @@ COPY app ./app
 # The CPU wheel of torch keeps the image at a fraction of the CUDA build's size.
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && /opt/venv/bin/pip install .
+    && /opt/venv/bin/pip install ".[torch]"
 
 FROM python:3.11-slim-bookworm
 

@@ -30,6 +30,9 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here first so that a missing model runtime stops the command with the extra to install,
+    # instead of every worker process dying on it.
+    import app.main  # noqa: F401
     from app.server import ServeOptions, serve
 
     # Settings reach every worker process through the environment.

@@ -22,14 +22,12 @@ import torch
 
 from model.config import DMFTConfig, ModalitySpec
 from model.dmft import DMFT, count_parameters
+from model.inputs import InputError as InputError  # the error of check_inputs, importable from here as before
+from model.inputs import check_windows
 
 BUNDLE_FILE = "bundle.json"
 WEIGHTS_FILE = "weights.pt"
 FORMAT_VERSION = 1
-
-
-class InputError(ValueError):
-    """A prediction input does not match the bundle's modalities; the message says how."""
 
 
 def save_bundle(
@@ -111,6 +109,11 @@ class Bundle:
     def metrics(self) -> dict[str, Any]:
         return self.manifest["metrics"]
 
+    @property
+    def temperature(self) -> float:
+        """``predict`` answers ``softmax(logits / temperature)``; 1.0 when bundle.json has no ``temperature``."""
+        return float(self.manifest.get("temperature", 1.0))
+
     def _compile(self, model: DMFT) -> torch.jit.ScriptModule:
         example = (self._placeholders(1), torch.ones(1, len(self.modalities), dtype=torch.bool, device=self.device))
         with torch.inference_mode(), warnings.catch_warnings():
@@ -133,34 +136,7 @@ class Bundle:
 
     def check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Validate a request against the bundle; returns float32 arrays keyed by modality."""
-        if not inputs:
-            raise InputError("no modalities given; expected any of " + ", ".join(self.window_samples))
-        unknown = sorted(set(inputs) - set(self.window_samples))
-        if unknown:
-            raise InputError(f"unknown modality {unknown[0]!r}; this model reads " + ", ".join(self.window_samples))
-        arrays: dict[str, np.ndarray] = {}
-        batch = None
-        for spec in self.modalities:
-            if spec.name not in inputs:
-                continue
-            array = np.ascontiguousarray(inputs[spec.name], dtype=np.float32)
-            expected = self.window_samples[spec.name]
-            if array.ndim != 3:
-                raise InputError(f"{spec.name}: expected shape (batch, {expected}, {spec.channels}), got {array.shape}")
-            if array.shape[1] != expected:
-                raise InputError(
-                    f"{spec.name}: a window has {expected} samples ({self.window_seconds:g} s at "
-                    f"{spec.sample_rate:g} Hz), got {array.shape[1]}"
-                )
-            if array.shape[2] != spec.channels:
-                raise InputError(f"{spec.name}: expected {spec.channels} channels, got {array.shape[2]}")
-            if batch is not None and array.shape[0] != batch:
-                raise InputError(f"{spec.name}: batch of {array.shape[0]} windows, other modalities have {batch}")
-            if not np.isfinite(array).all():
-                raise InputError(f"{spec.name}: contains NaN or Inf")
-            batch = array.shape[0]
-            arrays[spec.name] = array
-        return arrays
+        return check_windows(inputs, self.modalities, self.window_seconds, self.window_samples)
 
     def predict(self, inputs: Mapping[str, Any]) -> np.ndarray:
         arrays = self.check_inputs(inputs)
@@ -175,7 +151,7 @@ class Bundle:
                 present[:, index] = True
         with torch.inference_mode():
             logits = self._forward(xs, present)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu().numpy()
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from model.config import TrainConfig
 
 log = logging.getLogger("dmft")
 
+# The extra that installs what a command needs beyond the base install; the others need `torch`.
+EXTRA_OF_COMMAND = {"data": "train", "fit": "train", "export": "export"}
+
 
 def cmd_data(args: argparse.Namespace) -> int:
     from model.data import save_npz
@@ -58,7 +61,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from model.bundle import load_bundle
     from model.data import load_npz, train_test_split
-    from model.evaluation import classification_report
+    from model.evaluation import classification_report, relabel
 
     bundle = load_bundle(args.bundle, device=args.device)
     dataset = load_npz(args.data, args.window_seconds)
@@ -72,14 +75,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ]
     )
     # The bundle's class order is authoritative; map the file's labels onto it by name.
-    index = {name: position for position, name in enumerate(bundle.class_names)}
-    unknown = sorted(set(dataset.class_names) - set(index))
-    if unknown:
-        raise ValueError(f"the data has classes the model does not know: {unknown}")
-    y_true = np.array([index[dataset.class_names[label]] for label in dataset.y])
+    y_true = relabel(dataset.y, dataset.class_names, bundle.class_names)
     report = classification_report(y_true, probabilities.argmax(axis=1), bundle.class_names)
     report.update({"model": bundle.name, "version": bundle.version, "split": args.split, "modalities": sorted(inputs)})
     print(json.dumps(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.export import export_onnx
+
+    exported = export_onnx(args.bundle, args.out, precision=args.quantize or "float32", data=args.data)
+    summary = {key: exported.manifest[key] for key in ("name", "version", "precision", "onnx_sha256")}
+    summary.update(out=str(args.out), bytes=args.out.stat().st_size, accuracy=exported.metrics.get("accuracy"))
+    print(json.dumps(summary))
     return 0
 
 
@@ -121,6 +130,14 @@ def build_parser(extensions: Iterable[Extension] = ()) -> argparse.ArgumentParse
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--window-seconds", type=float)
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    export = commands.add_parser("export", help="export a bundle to ONNX (with a JSON sidecar) for torch-free runtimes")
+    export.add_argument("--bundle", type=Path, required=True, help="bundle directory (teacher or student)")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="file format")
+    export.add_argument("--out", type=Path, required=True, help="output .onnx; the sidecar is the .json beside it")
+    export.add_argument("--quantize", choices=["int8"], help="static int8 quantization (needs --data)")
+    export.add_argument("--data", type=Path, help="dataset .npz: its training windows calibrate int8")
+    export.set_defaults(handler=cmd_export)
     for extend in extensions:
         extend(commands)
     return parser
@@ -134,12 +151,17 @@ def main(argv: list[str] | None = None, extensions: Iterable[Extension] = ()) ->
         stream=sys.stderr,
     )
     from model.data import DatasetError
-    from model.train import TrainingError
+    from model.errors import TrainingError
 
     try:
         return args.handler(args)
     except (DatasetError, TrainingError, FileNotFoundError, ValueError) as error:
         print(f"dmft {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        # The base install has no model runtime; each command names the extra it needs.
+        extra = EXTRA_OF_COMMAND.get(args.command, "torch")
+        print(f"dmft {args.command}: error: {error}; pip install 'dmft-activity[{extra}]'", file=sys.stderr)
         return 2
 
 

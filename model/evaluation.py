@@ -31,3 +31,12 @@ def classification_report(y_true: np.ndarray, y_pred: np.ndarray, class_names: l
         "per_class_f1": {name: (None if np.isnan(v) else float(v)) for name, v in zip(class_names, f1, strict=True)},
         "confusion": confusion.tolist(),
     }
+
+
+def relabel(y: np.ndarray, names: list[str], model_class_names: list[str]) -> np.ndarray:
+    """Labels ``y`` (indices into a dataset's ``names``) as indices into the model's classes, matched by name."""
+    index = {name: position for position, name in enumerate(model_class_names)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise ValueError(f"the data has classes the model does not know: {unknown}")
+    return np.array([index[names[label]] for label in y], dtype=np.int64)

@@ -21,6 +21,7 @@ from model.augment import augment, drop_modalities
 from model.config import ModalitySpec, TrainConfig
 from model.data import WindowDataset
 from model.dmft import DMFT
+from model.errors import TrainingError
 from model.evaluation import classification_report
 from model.losses import distillation_loss
 
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 
 # (raw windows per modality, present mask (B, M), labels (B,)) -> named losses with "loss" to minimise.
 Objective = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss); the message says where it happened."""
 
 
 @dataclass

@@ -5,8 +5,8 @@
 ``fresh_install`` installs the project into a new virtual environment the way the image's
 ``pip install .`` does: a wheel of the files its build stage copies, not editable. Its
 dependencies are not downloaded again: the environment sees, through a ``.pth`` file, a folder
-of links to exactly the distributions that installing the project without extras would bring
-(their closure, read from the metadata of this environment), so a module that only a
+of links to exactly the distributions that installing the project with the image's extras would
+bring (their closure, read from the metadata of this environment), so a module that only a
 development or training extra provides is missing there, as on a user's machine.
 """
 
@@ -35,6 +35,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 # What a Debian-based image's processes find on PATH before its ENV adds to it.
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+# `pip install .`, `pip install ".[torch]"` ...: the project from the build context, with its extras.
+_PROJECT_INSTALL = re.compile(r"""pip install (?:\S+ )*["']?\.(?:\[(?P<extras>[\w,-]+)\])?["']?(?:\s|$)""")
 
 
 @dataclass
@@ -79,13 +81,24 @@ class Dockerfile:
     def final(self) -> Stage:
         return self.stages[-1]
 
+    def _project_install(self) -> tuple[Stage, set[str]]:
+        """The stage that installs the project (``pip install .`` or ``".[extra,...]"``) and its extras."""
+        for stage in self.stages:
+            for run in stage.all("RUN"):
+                match = _PROJECT_INSTALL.search(run)
+                if match:
+                    return stage, set(filter(None, (match["extras"] or "").split(",")))
+        raise AssertionError("no stage runs 'pip install .'")
+
     @property
     def build(self) -> Stage:
-        """The stage that installs the project with ``pip install .``."""
-        for stage in self.stages:
-            if any(re.search(r"pip install (\S+ )*\.(\s|$)", run) for run in stage.all("RUN")):
-                return stage
-        raise AssertionError("no stage runs 'pip install .'")
+        """The stage that installs the project."""
+        return self._project_install()[0]
+
+    @property
+    def extras(self) -> set[str]:
+        """The extras the image installs the project with."""
+        return self._project_install()[1]
 
     def copied(self) -> list[str]:
         """What the build stage copies from the build context."""
@@ -152,6 +165,11 @@ def dependency_closure(requirements: list[str]) -> list[metadata.Distribution]:
                 pending.append(nested)
     unique = {canonicalize_name(d.metadata["Name"]): d for d in found.values()}
     return list(unique.values())
+
+
+def _without_marker(requirement: Requirement) -> str:
+    requirement.marker = None
+    return str(requirement)
 
 
 def link_distributions(distributions: list[metadata.Distribution], folder: Path) -> None:
@@ -224,8 +242,8 @@ def shared_interpreter(folder: Path) -> tuple[Path, dict[str, str]]:
 
 @contextmanager
 def fresh_install(dockerfile: Dockerfile) -> Iterator[Installed]:
-    """The project installed into a fresh environment, without extras, as the image's build stage
-    installs it: a wheel built from what that stage copies, not editable."""
+    """The project installed into a fresh environment, with the extras the image installs, as its
+    build stage installs it: a wheel built from what that stage copies, not editable."""
     root = readable_folder("dmft-install-")
     try:
         context = root / "context"
@@ -247,7 +265,12 @@ def fresh_install(dockerfile: Dockerfile) -> Iterator[Installed]:
         _run([*pip, "--python", str(venv / "bin" / "python"), *install], interpreter_env)
         (site_packages,) = (venv / "lib").glob("python*/site-packages")
         (installed,) = metadata.distributions(name="dmft-activity", path=[str(site_packages)])
-        requirements = [text for text in installed.requires or [] if "extra ==" not in text]
+        requirements = [
+            _without_marker(requirement)
+            for requirement in map(Requirement, installed.requires or [])
+            if requirement.marker is None
+            or any(requirement.marker.evaluate({"extra": extra}) for extra in dockerfile.extras)
+        ]
         dependencies = root / "dependencies"
         link_distributions(dependency_closure(requirements), dependencies)
         (site_packages / "dependencies.pth").write_text(f"{dependencies}\n")

@@ -23,7 +23,7 @@ import pytest
 
 from tools.stack import Server, run_service
 
-from .install_fixtures import DOCKERFILE, ROOT, Installed
+from .install_fixtures import DOCKERFILE, ROOT, Dockerfile, Installed
 
 README = ROOT / "README.md"
 PYPROJECT = ROOT / "pyproject.toml"
@@ -75,7 +75,10 @@ def server(installed: Installed, tmp_path_factory: pytest.TempPathFactory) -> It
 def test_the_walkthrough_needs_only_what_the_first_command_installs() -> None:
     text = README.read_text()
     first = blocks(text)[0]
-    assert first.language == "bash" and "pip install -e . " in first.code and "dmft serve --port 8000" in first.code
+    # The walk-through runs in an install with the image's extras: the first command installs the same.
+    extras = ",".join(sorted(Dockerfile.read().extras))
+    assert first.language == "bash" and f"pip install -e '.[{extras}]' " in first.code
+    assert "dmft serve --port 8000" in first.code
     found = walkthrough(text)
     assert len(found) >= 5, [str(block) for block in found]
     assert {block.language for block in found} <= {"bash", "python"}
