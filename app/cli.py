@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -30,10 +31,12 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # Imported here first so that a missing model runtime stops the command with the extra to install,
-    # instead of every worker process dying on it.
-    import app.main  # noqa: F401
     from app.server import ServeOptions, serve
+
+    # Checked here, not in every worker process: a missing model runtime stops the command with the
+    # extra to install (the worker processes would only die on it, one after the other).
+    if importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
     # Settings reach every worker process through the environment.
     if args.bundles:
