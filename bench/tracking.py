@@ -307,11 +307,18 @@ class Tuned:
     confusion: np.ndarray | None
 
 
+def least_cost(runs: list[StreamRun], candidates: dict[Any, Variant]) -> Any:
+    """The candidate of least ``cost`` among those whose tracked accuracy is at least the model's."""
+    figures = {key: evaluate(runs, variant) for key, variant in candidates.items()}
+    allowed = [key for key, f in figures.items() if f["tracked_accuracy"] >= f["model_accuracy"]] or list(figures)
+    return min(allowed, key=lambda key: cost(figures[key]))
+
+
 def tune(runs: list[StreamRun], base: TrackerConfig) -> Tuned:
     """The least-cost setting of each fitted variant on validation runs."""
     grid = [replace(base, delay_seconds=d, min_confidence=c) for d in DELAYS for c in MIN_CONFIDENCES]
-    filtered = min(grid, key=lambda config: cost(evaluate(runs, filter_variant(config))))
-    smoothing = min(SMOOTHING, key=lambda pair: cost(evaluate(runs, smoothing_variant(*pair))))
+    filtered = least_cost(runs, {config: filter_variant(config) for config in grid})
+    smoothing = least_cost(runs, {pair: smoothing_variant(*pair) for pair in SMOOTHING})
     log.info(
         "validation: delay %g s, min confidence %g; smoothing %s",
         filtered.delay_seconds,
@@ -396,7 +403,7 @@ def plot(curve: list[dict[str, Any]], rows: dict[str, dict[str, Any]], path: Pat
         label="filter, swept delay",
     )
     for name, figures in rows.items():
-        if not name.startswith("filter"):
+        if not name.startswith(("filter,", "service")):
             right.plot(figures["median_delay_s"], figures["transitions_per_change"], "x", markersize=9, label=name)
     right.set_xlabel("median delay from a true change to its report, s")
     right.set_ylabel("transitions reported per true change")
