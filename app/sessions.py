@@ -7,7 +7,7 @@ covers one; the store hands out complete windows and records each window's predi
 once, even when several API processes serve one session. A window whose
 classification failed (overload, store outage) stays pending: retrying the chunk
 classifies it then. Each commit also advances the session's activity tracker
-(hysteresis, ``app.tracker``) and logs the predictions and transitions as events.
+(an online hidden-Markov filter, ``app.tracker``) and logs the predictions and transitions as events.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A stream is one subject's recordings of different activities joined in random order, each
 lasting a random 10 s to 2 min (a recording shorter than its segment is played again from its
-start). Each stream is posted to a session in one-second chunks, as a gateway would, through the
+start). Each stream is posted to a session in chunks of one hop (1 s), as a gateway would, through the
 service (``create_app``: the bundles, a real session store, the tracker), and every answer's
 predictions and transitions are kept. A transition is *reported* when the chunk that completes
 the window confirming it is answered, so its delay is the end of that window minus the true change.
@@ -128,11 +128,12 @@ def build_streams(path: Path, *, count: int, segments: int, seed: int) -> list[S
     return streams
 
 
-def run_through_service(streams: list[Stream], settings: Settings, chunk_seconds: float) -> list[StreamRun]:
+def run_through_service(streams: list[Stream], settings: Settings) -> list[StreamRun]:
+    """Each stream in chunks of one hop, so that each answer brings at most one new window."""
     runs = []
     with TestClient(create_app(settings)) as client:
         for stream in streams:
-            runs.append(_post_stream(client, stream, chunk_seconds))
+            runs.append(_post_stream(client, stream, settings.hop_seconds))
             log.info("%s: %d windows", stream.name, len(runs[-1].tracked))
     return runs
 
@@ -329,17 +330,20 @@ def tune(runs: list[StreamRun], base: TrackerConfig) -> Tuned:
 
 
 def variants(config: TrackerConfig, tuned: Tuned | None) -> dict[str, Variant]:
+    """The variants beside the service's own tracker (which the service row shows)."""
     found: dict[str, Variant] = {
         "voting, 3 windows at 0.6 (the tracker before)": voting_variant(3, 0.6),
         "voting, 2 windows at 0.6": voting_variant(2, 0.6),
-        f"filter, service settings ({config.delay_seconds:g} s, {config.min_confidence:g})": filter_variant(config),
     }
     if tuned is not None:
         alpha, threshold = tuned.smoothing
         fitted = replace(config, delay_seconds=tuned.delay_seconds, min_confidence=tuned.min_confidence)
-        found[f"smoothing, alpha {alpha:g} to {threshold:g} (fitted)"] = smoothing_variant(alpha, threshold)
-        found[f"filter, {fitted.delay_seconds:g} s, {fitted.min_confidence:g} (fitted)"] = filter_variant(fitted)
-        found["filter + validation confusion (fitted)"] = filter_variant(fitted, tuned.confusion)
+        found[f"smoothing, alpha {alpha:g}, enter at {threshold:g} (fitted)"] = smoothing_variant(alpha, threshold)
+        if fitted != config:
+            found[f"filter, {fitted.delay_seconds:g} s, {fitted.min_confidence:g} (fitted)"] = filter_variant(fitted)
+        found[f"filter + validation confusion, {fitted.delay_seconds:g} s (fitted)"] = filter_variant(
+            fitted, tuned.confusion
+        )
     return found
 
 
@@ -373,7 +377,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines).replace("%", " %")
 
 
-def plot(curve: list[dict[str, Any]], rows: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(curve: list[dict[str, Any]], rows: dict[str, dict[str, Any]], default: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,6 +389,8 @@ def plot(curve: list[dict[str, Any]], rows: dict[str, dict[str, Any]], path: Pat
     left.set_xlabel("DMFT_TRANSITION_DELAY_SECONDS")
     left.set_ylabel("transitions reported per true change", color="tab:red")
     left.axhline(1.0, color="grey", linewidth=0.8)
+    left.axvline(default, color="grey", linestyle=":", linewidth=0.8)
+    left.annotate("default", (default, left.get_ylim()[1]), ha="center", va="top", fontsize=8)
     share = left.twinx()
     share.plot(delays, [p["within_4s"] for p in curve], "s--", color="tab:blue", label="within 4 s")
     share.plot(delays, [p["within_2s"] for p in curve], "^:", color="tab:blue", label="within 2 s")
@@ -403,7 +409,7 @@ def plot(curve: list[dict[str, Any]], rows: dict[str, dict[str, Any]], path: Pat
         label="filter, swept delay",
     )
     for name, figures in rows.items():
-        if not name.startswith(("filter,", "service")):
+        if not name.startswith(("filter,", "filter in")):
             right.plot(figures["median_delay_s"], figures["transitions_per_change"], "x", markersize=9, label=name)
     right.set_xlabel("median delay from a true change to its report, s")
     right.set_ylabel("transitions reported per true change")
@@ -417,9 +423,9 @@ def stream_runs(data: Path, bundles: Path, args: argparse.Namespace) -> list[Str
     streams = build_streams(data, count=args.streams, segments=args.segments, seed=args.seed)
     settings = Settings(bundles=bundles, redis_url=args.redis_url or None)
     if not settings.redis_url:
-        return run_through_service(streams, settings, args.chunk_seconds)
+        return run_through_service(streams, settings)
     with redis_prefix(settings.redis_url, "dmft-tracking") as prefix:
-        return run_through_service(streams, settings.model_copy(update={"redis_prefix": prefix}), args.chunk_seconds)
+        return run_through_service(streams, settings.model_copy(update={"redis_prefix": prefix}))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -433,7 +439,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.validation_data:
         tuned = tune(stream_runs(args.validation_data, args.validation_bundles, args), config)
     rows = {name: evaluate(runs, variant) for name, variant in variants(config, tuned).items()}
-    rows = {"service (as configured)": score(runs, [run.tracked for run in runs]), **rows}
+    service = f"filter in the service ({config.delay_seconds:g} s, {config.min_confidence:g})"
+    rows = {service: score(runs, [run.tracked for run in runs]), **rows}
     curve = sweep(runs, config)
     print(table(rows))
     print()
@@ -452,7 +459,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         }
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
-        plot(curve, rows, args.plot)
+        plot(curve, rows, config.delay_seconds, args.plot)
     return 0
 
 
@@ -490,7 +497,6 @@ def main() -> int:
     run.add_argument("--streams", type=int, default=18)
     run.add_argument("--segments", type=int, default=15, help="segments per stream")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--chunk-seconds", type=float, default=1.0)
     run.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="'' keeps sessions in the process")
     run.add_argument("--out", type=Path, help="write the figures as JSON")
     run.add_argument("--plot", type=Path, help="write the trade-off curve as PNG")

@@ -1,4 +1,4 @@
-"""Activity tracking through HTTP on both stores: transitions with hysteresis, client time, history.
+"""Activity tracking through HTTP on both stores: transitions without flapping, client time, history.
 
 Three held-out recordings of different exercises are streamed back to back as one
 session; the third has a few windows the model doubts, which must not flap.
