@@ -445,10 +445,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(table(rows))
     print()
     print(table({f"filter, {point['delay_seconds']:g} s": point for point in curve}))
+    errors = model_errors(runs)
+    print()
+    print("model errors on steady windows:", json.dumps(errors))
     if args.out:
         result = {
             "rows": rows,
             "curve": curve,
+            "model_errors": errors,
             "tuned": None
             if tuned is None
             else {
@@ -479,6 +483,32 @@ def cmd_split(args: argparse.Namespace) -> int:
         "validation subjects %s of the training subjects %s -> %s", validation.tolist(), subjects.tolist(), args.out
     )
     return 0
+
+
+def model_errors(runs: list[StreamRun]) -> dict[str, Any]:
+    """How the model's wrong steady windows come: runs of consecutive ones by length, and the commonest
+    confusions (true -> predicted) with their share of the wrong windows."""
+    lengths: dict[str, int] = {}
+    confusions: dict[str, int] = {}
+    for run in runs:
+        predicted = np.array(run.class_names)[run.probabilities.argmax(axis=1)]
+        for segment in run.stream.segments:
+            inside = (run.window_start >= segment.start) & (run.window_end <= segment.end)
+            wrong = predicted[inside] != segment.activity
+            for name in predicted[inside][wrong]:
+                key = f"{segment.activity} -> {name}"
+                confusions[key] = confusions.get(key, 0) + 1
+            # Starts and ends of the runs of wrong windows.
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], wrong.astype(int), [0]])))
+            for length in edges[1::2] - edges[::2]:
+                key = str(length) if length < 4 else "4+"
+                lengths[key] = lengths.get(key, 0) + 1
+    total = sum(confusions.values())
+    commonest = sorted(confusions.items(), key=lambda item: -item[1])[:6]
+    return {
+        "wrong_run_lengths": dict(sorted(lengths.items())),
+        "commonest_confusions": {key: round(count / total, 3) for key, count in commonest},
+    }
 
 
 def main() -> int:
