@@ -149,8 +149,8 @@ class TrackerState:
             confidence=data["confidence"],
             segment=SegmentRecord(**segment) if segment else None,
             run=_Run(**run) if run else None,
-            # States saved before the filter have no belief: the filter starts afresh.
-            belief=dict(data.get("belief") or {}),
+            # A state saved before the filter has no belief: it starts sure of the activity it had.
+            belief=dict(data["belief"]) if "belief" in data else {data["activity"]: 1.0},
         )
 
 
@@ -183,7 +183,7 @@ def filter_step(belief: dict[str, float], evidence: dict[str, float], switch: fl
     """One step of the forward filter: predict with the switching probability, weigh by the evidence."""
     if not belief:
         belief = dict.fromkeys(evidence, 1 / len(evidence))
-    stay = 1 - switch * len(belief)
+    stay = 1 - switch * len(evidence)
     weighted = {state: (belief.get(state, 0.0) * stay + switch) * evidence[state] for state in evidence}
     total = sum(weighted.values())
     if total <= 0:  # no state explains the window at all: it carries no evidence

@@ -135,6 +135,10 @@ def test_a_state_saved_before_the_filter_goes_on_from_its_activity() -> None:
     update = advance(TrackerState.from_dict(saved), [window(i, "walk") for i in range(10, 15)], config())
     assert update.transitions == []
     assert update.state.activity == "walk"
+    # A change after it takes the same evidence as after a long stay in the activity.
+    changed = advance(TrackerState.from_dict(saved), [window(i, "sit") for i in range(10, 20)], config(5.0))
+    assert entered(changed) == ["sit"]
+    assert changed.confirmed_at == [3]
 
 
 def test_the_filter_keeps_a_probability_distribution() -> None:
