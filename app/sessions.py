@@ -7,7 +7,7 @@ covers one; the store hands out complete windows and records each window's predi
 once, even when several API processes serve one session. A window whose
 classification failed (overload, store outage) stays pending: retrying the chunk
 classifies it then. Each commit also advances the session's activity tracker
-(hysteresis, ``app.tracker``) and logs the predictions and transitions as events.
+(an online hidden-Markov filter, ``app.tracker``) and logs the predictions and transitions as events.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from app.store import (
     StoreUnavailable,
     StreamLayout,
 )
-from app.tracker import SegmentRecord, TrackerState, WindowLabel, advance
+from app.tracker import SegmentRecord, TrackerState, WindowLabel, advance, tracker_config
 
 
 def _timestamp(epoch_seconds: float) -> datetime:
@@ -76,6 +76,7 @@ class SessionService:
             segments=settings.retained_segments,
             outbox=settings.outbox_size,
         )
+        self.tracker = tracker_config(settings, engine.reference.window_seconds)
 
     def _unavailable(self, error: StoreUnavailable) -> ApiError:
         return unavailable(
@@ -220,8 +221,7 @@ class SessionService:
                     )
                     for p in pending
                 ],
-                required=self.settings.transition_windows,
-                min_confidence=self.settings.transition_min_confidence,
+                self.tracker,
             )
             transitions = [
                 Transition(

@@ -42,11 +42,20 @@ class Settings(BaseSettings):
 
     hop_seconds: float = Field(default=1.0, gt=0, description="A session is classified every this many seconds.")
     session_ttl_seconds: int = Field(default=900, ge=1, description="An idle session expires after this.")
-    transition_windows: int = Field(
-        default=3, ge=1, description="Consecutive windows a new activity must win before the session enters it."
+    # Both chosen on validation streams by bench/tracking.py (the README's tracking section).
+    transition_delay_seconds: float = Field(
+        default=3.5,
+        gt=0,
+        description="A change backed by clear windows is reported this long after it happens; "
+        "longer means fewer false transitions.",
+    )
+    transition_windows: int | None = Field(
+        default=None,
+        ge=1,
+        description="Deprecated: use transition_delay_seconds; N stands for one window plus N-1 hops.",
     )
     transition_min_confidence: float = Field(
-        default=0.6, ge=0, le=1, description="Below this a window counts as 'unknown' for transitions."
+        default=0.5, ge=0, lt=1, description="Below this top probability a window counts towards 'unknown'."
     )
     recent_predictions: int = Field(default=50, ge=1, description="Predictions kept per session.")
     retained_events: int = Field(default=1000, ge=1, description="Events kept per session for SSE resumption.")

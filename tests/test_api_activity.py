@@ -1,4 +1,4 @@
-"""Activity tracking through HTTP on both stores: transitions with hysteresis, client time, history.
+"""Activity tracking through HTTP on both stores: transitions without flapping, client time, history.
 
 Three held-out recordings of different exercises are streamed back to back as one
 session; the third has a few windows the model doubts, which must not flap.
@@ -159,10 +159,10 @@ def test_history_times_need_a_zone(client: TestClient, exercises: Any) -> None:
         assert_error(response, 422, "invalid_input")
 
 
-def test_required_windows_are_configurable(exercises: Any, watch_data: WatchData) -> None:
-    """With no hysteresis, the doubtful stretch of the last recording does flap."""
+def test_the_transition_delay_is_configurable(exercises: Any, watch_data: WatchData) -> None:
+    """With the shortest delay (one window), the doubtful stretch of the last recording does flap."""
     samples, labels, _ = exercises
-    with TestClient(create_app(memory_settings(transition_windows=1))) as client:
+    with TestClient(create_app(memory_settings(transition_delay_seconds=2.0))) as client:
         answers = stream(client, "eager", samples)
     entered = [t["to"] for answer in answers for t in answer["transitions"]]
     assert len(entered) > len(labels)
