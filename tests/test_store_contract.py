@@ -1062,6 +1062,16 @@ def test_readers_cancelled_twice_leave_the_store_working(make_store: StoreFactor
 
     async def scenario(store: SessionStore) -> None:
         started = await append(store, 0, one_sample_each(count=8))
+        # The first reader leaves while its wait is still being set up (on Redis: subscribing), and a second
+        # one comes: it must get the next commit's events.
+        first = asyncio.create_task(read(store, "0-0", generation=started.generation, wait_seconds=5))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        second = asyncio.create_task(read(store, "0-0", generation=started.generation, wait_seconds=5))
+        await asyncio.sleep(0.1)
+        committed = await commit(store, 0, 1, events=events_of("p0"))
+        assert [event.id for event in (await second).events] == committed.event_ids
         for _ in range(5):
             readers = [
                 asyncio.create_task(read(store, "0-0", generation=started.generation, wait_seconds=5))
@@ -1076,7 +1086,7 @@ def test_readers_cancelled_twice_leave_the_store_working(make_store: StoreFactor
             await asyncio.gather(*readers, return_exceptions=True)
         async with asyncio.timeout(5):
             assert (await store.get("s1")) is not None
-            assert (await commit(store, 0, 1, events=events_of("p0"))).recorded == [0]
+            assert (await commit(store, 1, 1, events=events_of("p1"))).recorded == [1]
             assert await store.delete("s1")
 
     run(make_store, scenario)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -66,18 +67,34 @@ class RedisNews:
         if confirmed is None:
             confirmed = asyncio.get_running_loop().create_future()
             self._confirmed[channel] = confirmed
-            try:
-                pubsub = await self._connected()
-                await pubsub.ssubscribe(channel)
-            except self._outage as error:
-                if self._confirmed.get(channel) is confirmed:
-                    del self._confirmed[channel]
-                raise StoreUnavailable(str(error)) from error
+            # In a task of its own: a reader cancelled meanwhile (its client gone) must not leave the
+            # subscription half asked for, with every later reader waiting for its confirmation.
+            self._in_background(self._ask(channel, confirmed))
         try:
             async with asyncio.timeout(CONFIRM_TIMEOUT_SECONDS):
                 await asyncio.shield(confirmed)
         except TimeoutError as error:
+            self._forget(channel, confirmed)  # the next reader asks again
             raise StoreUnavailable(f"Redis did not confirm the subscription to {channel}") from error
+
+    async def _ask(self, channel: str, confirmed: asyncio.Future[None]) -> None:
+        try:
+            pubsub = await self._connected()
+            await pubsub.ssubscribe(channel)
+        except self._outage as error:
+            self._forget(channel, confirmed)
+            if not confirmed.done():
+                confirmed.set_exception(StoreUnavailable(str(error)))
+                confirmed.exception()  # retrieved here too: no reader may be waiting for it any more
+
+    def _forget(self, channel: str, confirmed: asyncio.Future[None]) -> None:
+        if self._confirmed.get(channel) is confirmed:
+            del self._confirmed[channel]
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _connected(self) -> PubSub:
         """The subscriber connection, opened once however many readers come at the same time."""
@@ -103,9 +120,7 @@ class RedisNews:
         if self._pubsub is None:
             return
         self._leaving[channel] = self._leaving.get(channel, 0) + 1
-        task = asyncio.get_running_loop().create_task(self._send_unsubscribe(self._pubsub, channel))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._send_unsubscribe(self._pubsub, channel))
 
     async def _send_unsubscribe(self, pubsub: PubSub, channel: str) -> None:
         try:
