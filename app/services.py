@@ -33,8 +33,13 @@ class Services:
 
 def build_store(settings: Settings) -> SessionStore:
     if settings.redis_url:
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix)
-    return MemoryStore()
+        return RedisStore(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            max_connections=settings.redis_max_connections,
+            pool_timeout_seconds=settings.redis_pool_timeout_seconds,
+        )
+    return MemoryStore(max_sessions=settings.max_sessions)
 
 
 @asynccontextmanager

@@ -12,7 +12,6 @@ classifies it then. Each commit also advances the session's activity tracker
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -36,12 +35,14 @@ from app.schemas import (
 )
 from app.settings import Settings
 from app.store import (
+    FIRST_EVENT_ID,
     AppendResult,
     BufferOverflow,
     Event,
     ModalityMismatch,
     Retention,
     SeqConflict,
+    SessionLimitReached,
     SessionSnapshot,
     SessionStore,
     StoreUnavailable,
@@ -122,6 +123,12 @@ class SessionService:
         except ModalityMismatch as error:
             raise invalid_input(
                 f"this session streams {', '.join(error.session_modalities)}; got {', '.join(arrays)}"
+            ) from error
+        except SessionLimitReached as error:
+            raise unavailable(
+                "session_limit",
+                f"no room for a new session: {error}; retry when sessions have ended",
+                self.settings.retry_after_seconds,
             ) from error
         except BufferOverflow as error:
             raise invalid_input(
@@ -321,32 +328,43 @@ class SessionService:
 
     async def events(self, session_id: str, last_event_id: str | None) -> AsyncIterator[Event | None]:
         """The session's events after ``last_event_id`` (else from now on), ``None`` when idle for a
-        keep-alive, and a final ``end`` event once the session is deleted or expires."""
-        await self._snapshot(session_id)  # 404 before the stream starts
+        keep-alive, and a final ``end`` event once the session is deleted or expires.
+
+        A session that has not started yet is waited for, and followed from its first event. Resuming
+        after an event of a session that is gone meanwhile (any id but ``FIRST_EVENT_ID``) ends at once.
+        """
         try:
-            after = last_event_id or await self.store.last_event_id(session_id)
+            position = await self.store.event_position(session_id)
         except StoreUnavailable as error:
             raise self._unavailable(error) from error
-        return self._follow(session_id, after)
+        if position.generation is None and last_event_id not in (None, FIRST_EVENT_ID):
+            return self._ended(session_id)
+        return self._follow(session_id, last_event_id or position.last_id, position.generation)
 
-    async def _follow(self, session_id: str, after: str) -> AsyncIterator[Event | None]:
+    async def _follow(self, session_id: str, after: str, generation: str | None) -> AsyncIterator[Event | None]:
+        """Events of the session's ``generation`` after ``after``; with none, of the session that starts next."""
         while True:
             try:
                 batch = await self.store.read_events(
-                    session_id, after, wait_seconds=self.settings.sse_keepalive_seconds
+                    session_id, after, generation=generation, wait_seconds=self.settings.sse_keepalive_seconds
                 )
             except StoreUnavailable:
                 return  # the client reconnects with the last id it saw
+            if generation is None:
+                generation = batch.generation  # the session started (or is still awaited)
+            if batch.generation != generation:  # ended, expired, or ended and started again
+                async for event in self._ended(session_id):
+                    yield event
+                return
             for event in batch.events:
                 yield event
-                if event.type == "end":
-                    return
                 after = event.id
-            if not batch.alive:
-                yield Event("end", json.dumps({"session_id": session_id, "reason": "ended or expired"}))
-                return
             if not batch.events:
                 yield None
+
+    @staticmethod
+    async def _ended(session_id: str) -> AsyncIterator[Event]:
+        yield Event("end", json.dumps({"session_id": session_id, "reason": "ended or expired"}))
 
     async def overview(self, limit: int, feed: int) -> tuple[int, list[SessionSummary], list[FeedItem]]:
         """The live-session count, the ``limit`` sessions updated last and their ``feed`` newest predictions."""
@@ -354,7 +372,7 @@ class SessionService:
         try:
             count = await self.store.active_sessions(now=now, ttl_seconds=ttl)
             ids = await self.store.recent_sessions(now=now, ttl_seconds=ttl, limit=limit)
-            snapshots = await asyncio.gather(*(self.store.get(session_id) for session_id in ids))
+            snapshots = await self.store.get_many(ids)
         except StoreUnavailable as error:
             raise self._unavailable(error) from error
         sessions, items = [], []

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
         description="Redis for session buffers; unset keeps sessions in this process.",
     )
     redis_prefix: str = Field(default="dmft", description="Prefix of every Redis key.")
+    redis_max_connections: int = Field(default=50, ge=1, description="Connections to Redis per process at most.")
+    redis_pool_timeout_seconds: float = Field(
+        default=5.0, gt=0, description="How long a request waits for a free Redis connection before 503."
+    )
+    max_sessions: int = Field(default=1000, ge=1, description="Sessions the embedded store holds at most.")
     compile_models: bool = Field(default=True, description="Trace and freeze the networks at start-up.")
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads per forward pass.")
 

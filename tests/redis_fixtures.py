@@ -8,9 +8,13 @@ cannot be reached the tests skip, except on CI (``CI=true``), where that is a fa
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,7 @@ import redis
 from redis.exceptions import RedisError
 
 from app.settings import Settings
-from tools.stack import redis_prefix
+from tools.stack import free_port, redis_prefix
 
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
 
@@ -81,3 +85,52 @@ def module_redis_target() -> Iterator[RedisTarget]:
     """A unique prefix on the test Redis shared by one module's tests (for module-scoped apps)."""
     with redis_target_scope() as target:
         yield target
+
+
+def redis_server_command(port: int, workdir: Path, *options: str) -> list[str]:
+    """Debian's ``redis-server`` on loopback ``port``, without persistence, its files in ``workdir``."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        reason = "redis-server is not installed"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), *options]  # fmt: skip
+
+
+def wait_for_redis(url: str, process: subprocess.Popen[bytes], *, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode}")
+            try:
+                client.ping()
+                return
+            except (RedisError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+@contextmanager
+def private_redis(workdir: Path) -> Iterator[str]:
+    """A redis-server of this test's own, for counting its clients; its URL. Stopped afterwards."""
+    port = free_port()
+    process = subprocess.Popen(redis_server_command(port, workdir), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for_redis(url, process)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -33,7 +33,7 @@ WAIT_S = 30
 
 @dataclass
 class ServerSentEvent:
-    id: str
+    id: str | None  # none on the end event
     type: str
     data: dict
 
@@ -51,7 +51,7 @@ def read_events(base: str, session_id: str, into: queue.Queue, *, last_event_id:
         for line in response.iter_lines():
             if line == "":
                 if "event" in fields:
-                    into.put(ServerSentEvent(fields["id"], fields["event"], json.loads(fields["data"])))
+                    into.put(ServerSentEvent(fields.get("id"), fields["event"], json.loads(fields["data"])))
                 fields = {}
             elif not line.startswith(":"):
                 name, _, value = line.partition(": ")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -28,9 +29,12 @@ from app.store import (
     BufferOverflow,
     CommitResult,
     Event,
+    EventBatch,
+    EventPosition,
     ModalityMismatch,
     Retention,
     SeqConflict,
+    SessionLimitReached,
     SessionStore,
     StreamLayout,
     parse_event_id,
@@ -521,7 +525,7 @@ def test_commit_after_the_session_started_again_records_nothing(make_store: Stor
         snapshot = await store.get("s1")
         assert snapshot is not None
         assert (snapshot.windows, snapshot.predictions, snapshot.tracker) == (0, [], None)
-        assert (await store.read_events("s1", "0-0", wait_seconds=0.01)).events == []
+        assert (await read(store, "0-0", generation=new.generation)).events == []
         assert await store.history("s1") == []
         assert (await commit_pending(store, new)).recorded == [0, 1, 2, 3]
 
@@ -729,6 +733,102 @@ def test_session_expires_after_ttl(make_store: StoreFactory) -> None:
     run(make_store, scenario)
 
 
+# --- the embedded store's own limits ------------------------------------------------------------
+
+
+def test_embedded_store_refuses_new_sessions_beyond_its_limit() -> None:
+    async def scenario(store: SessionStore) -> None:
+        for session_id in ("s1", "s2"):
+            await append(store, 0, one_sample_each(), session_id=session_id)
+        with pytest.raises(SessionLimitReached):
+            await append(store, 0, one_sample_each(), session_id="s3")
+        assert await store.get("s3") is None
+        await append(store, 1, one_sample_each(start=1), session_id="s1")  # the sessions it holds go on
+        assert await store.delete("s2")
+        await append(store, 0, one_sample_each(), session_id="s3")  # room again
+
+    run(lambda: MemoryStore(max_sessions=2), scenario)
+
+
+def test_embedded_store_counts_no_expired_session_against_its_limit() -> None:
+    async def scenario(store: SessionStore) -> None:
+        await append(store, 0, one_sample_each(), session_id="short", ttl_seconds=1)
+        with pytest.raises(SessionLimitReached):
+            await append(store, 0, one_sample_each(), session_id="s2")
+        await asyncio.sleep(1.2)
+        await append(store, 0, one_sample_each(), session_id="s2")
+
+    run(lambda: MemoryStore(max_sessions=1), scenario)
+
+
+def test_embedded_store_frees_expired_sessions_without_being_asked() -> None:
+    """Expired sessions are purged on a timer, not only when something reads them."""
+
+    async def scenario(store: SessionStore) -> int:
+        big = StreamLayout(modalities=("a",), channels=(64,), window=(4,), hop=(2,), max_buffer=(4096,))
+        chunk = {"a": np.zeros((3000, 64), dtype="<f4").tobytes()}  # 768 kB, all buffered
+        tracemalloc.start()
+        try:
+            for index in range(20):
+                await append(store, 0, chunk, session_id=f"s{index}", layout=big, ttl_seconds=1)
+            held = tracemalloc.get_traced_memory()[0]
+            await asyncio.sleep(2.5)  # nothing touches the store meanwhile
+            return held - tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+
+    freed = run(MemoryStore, scenario)
+    assert freed > 20 * 768_000 * 0.9
+
+
+def test_embedded_readers_wake_for_their_own_session_and_read_only_what_is_new(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 readers of one session with 1,000 events kept cost nothing while another session commits, and a reader
+    of the newest events reads those, not the whole log (ids compared: counted through ``parse_event_id``)."""
+    parsed = 0
+
+    def counting(text: str) -> tuple[int, int]:
+        nonlocal parsed
+        parsed += 1
+        return parse_event_id(text)
+
+    monkeypatch.setattr("app.store.memory.parse_event_id", counting)
+
+    async def scenario(store: SessionStore) -> tuple[int, int]:
+        nonlocal parsed
+        followed = await append(store, 0, one_sample_each(count=8), session_id="followed")
+        retention = Retention(predictions=KEEP, events=1000, segments=10, outbox=10)
+        committed = await commit(
+            store, 0, 1, session_id="followed", events=events_of(*["p0"] * 1000), retention=retention
+        )
+        last = committed.event_ids[-1]
+        readers = [
+            asyncio.create_task(
+                read(store, last, generation=followed.generation, wait_seconds=30, session_id="followed")
+            )
+            for _ in range(200)
+        ]
+        other = await append(store, 0, one_sample_each(count=50), session_id="other")
+        await asyncio.sleep(0.1)
+        parsed = 0
+        for window in range(other.windows):
+            await commit(store, window, 1, session_id="other", events=events_of(f"p{window}"))
+            await asyncio.sleep(0)  # let any reader that was woken run
+        while_others_commit = parsed
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        parsed = 0
+        await commit(store, 1, 1, session_id="followed", events=events_of("p1"), retention=retention)
+        assert len((await read(store, last, generation=followed.generation, session_id="followed")).events) == 1
+        return while_others_commit, parsed
+
+    while_others_commit, reading_the_newest = run(MemoryStore, scenario)
+    assert while_others_commit == 0
+    assert reading_the_newest <= 2
+
+
 # --- Redis keys ------------------------------------------------------------------------------
 
 
@@ -787,12 +887,7 @@ def test_redis_commit_for_missing_session_writes_no_key(redis_target: RedisTarge
         assert (await commit(store, 0, 1, session_id="never-started")).recorded == []
 
     run(redis_store(redis_target), scenario)
-    # Only the ended session's 'end' event lingers, briefly, for its event readers.
-    [log] = redis_target.keys()
-    assert log == f"{redis_target.prefix}:{{s1}}:events"
-    with redis_target.client() as client:
-        assert [fields[b"type"] for _, fields in client.xrange(log)] == [b"end"]
-        assert 0 < client.pttl(log) <= 60_000
+    assert redis_target.keys() == []
 
 
 # --- time origin, events, history, outbox and delivery -----------------------------------------
@@ -828,37 +923,44 @@ def events_of(*names: str) -> list[Event]:
     return [Event("transition" if name[0] == "t" else "prediction", f'{{"name": "{name}"}}') for name in names]
 
 
+async def read(
+    store: SessionStore, after: str, *, generation: str | None, wait_seconds: float = 0.01, session_id: str = "s1"
+) -> EventBatch:
+    return await store.read_events(session_id, after, generation=generation, wait_seconds=wait_seconds)
+
+
 def test_events_are_logged_in_order_with_increasing_ids(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=8))
-        assert await store.last_event_id("s1") == "0-0"
+        assert await store.event_position("s1") == EventPosition(None, "0-0")
+        started = await append(store, 0, one_sample_each(count=8))
+        assert await store.event_position("s1") == EventPosition(started.generation, "0-0")
         first = await commit(store, 0, 2, events=events_of("p0", "p1", "t1"))
         second = await commit(store, 2, 1, events=events_of("p2"))
         ids = first.event_ids + second.event_ids
         assert len(ids) == 4
         assert [parse_event_id(i) for i in ids] == sorted({parse_event_id(i) for i in ids})
-        assert await store.last_event_id("s1") == ids[-1]
-        batch = await store.read_events("s1", "0-0", wait_seconds=0.01)
-        assert batch.alive
+        assert await store.event_position("s1") == EventPosition(started.generation, ids[-1])
+        batch = await read(store, "0-0", generation=started.generation)
+        assert batch.generation == started.generation
         assert [(e.id, e.type, e.data) for e in batch.events] == [
             (i, e.type, e.data) for i, e in zip(ids, events_of("p0", "p1", "t1", "p2"), strict=True)
         ]
-        after = await store.read_events("s1", ids[1], wait_seconds=0.01)
+        after = await read(store, ids[1], generation=started.generation)
         assert [e.id for e in after.events] == ids[2:]
         # A stale commit logs nothing.
         assert (await commit(store, 0, 1, events=events_of("p0"))).stale
-        assert (await store.read_events("s1", ids[-1], wait_seconds=0.01)).events == []
+        assert (await read(store, ids[-1], generation=started.generation)).events == []
 
     run(make_store, scenario)
 
 
 def test_read_events_waits_for_the_next_commit_and_sees_the_end(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
-        await append(store, 0, one_sample_each(count=8))
-        start = await store.last_event_id("s1")
-        idle = await store.read_events("s1", start, wait_seconds=0.05)
-        assert (idle.events, idle.alive) == ([], True)
-        waiting = asyncio.create_task(store.read_events("s1", start, wait_seconds=5))
+        started = await append(store, 0, one_sample_each(count=8))
+        start = (await store.event_position("s1")).last_id
+        idle = await read(store, start, generation=started.generation, wait_seconds=0.05)
+        assert (idle.events, idle.generation) == ([], started.generation)
+        waiting = asyncio.create_task(read(store, start, generation=started.generation, wait_seconds=5))
         await asyncio.sleep(0.1)
         assert not waiting.done()
         began = time.monotonic()
@@ -867,14 +969,125 @@ def test_read_events_waits_for_the_next_commit_and_sees_the_end(make_store: Stor
         assert time.monotonic() - began < 2
         assert [e.id for e in woken.events] == committed.event_ids
         # Ending the session wakes a waiting reader at once.
-        waiting = asyncio.create_task(store.read_events("s1", committed.event_ids[-1], wait_seconds=5))
+        waiting = asyncio.create_task(
+            read(store, committed.event_ids[-1], generation=started.generation, wait_seconds=5)
+        )
         await asyncio.sleep(0.1)
         began = time.monotonic()
         assert await store.delete("s1")
         gone = await waiting
         assert time.monotonic() - began < 2
-        assert gone.alive is False
-        assert [event.type for event in gone.events] in ([], ["end"])
+        assert (gone.events, gone.generation) == ([], None)
+
+    run(make_store, scenario)
+
+
+def test_read_events_waits_for_the_session_to_start(make_store: StoreFactory) -> None:
+    """A reader may come before the session: it is woken when the session starts, and reads its events."""
+
+    async def scenario(store: SessionStore) -> None:
+        assert (await read(store, "0-0", generation=None, wait_seconds=0.05)) == EventBatch([], None)
+        waiting = asyncio.create_task(read(store, "0-0", generation=None, wait_seconds=5))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        began = time.monotonic()
+        started = await append(store, 0, one_sample_each(count=8))
+        woken = await waiting
+        assert time.monotonic() - began < 2
+        assert (woken.events, woken.generation) == ([], started.generation)
+        committed = await commit(store, 0, 2, events=events_of("p0", "p1"))
+        batch = await read(store, "0-0", generation=started.generation)
+        assert [e.id for e in batch.events] == committed.event_ids
+
+    run(make_store, scenario)
+
+
+def test_read_events_of_a_session_started_again_is_news(make_store: StoreFactory) -> None:
+    """A reader of one generation never gets the events of the session that took its id after it."""
+
+    async def scenario(store: SessionStore) -> None:
+        old = await append(store, 0, one_sample_each(count=8))
+        assert await store.delete("s1")
+        new = await append(store, 0, one_sample_each(count=8))
+        await commit(store, 0, 1, events=events_of("p0"))
+        batch = await read(store, "0-0", generation=old.generation, wait_seconds=5)
+        assert batch.generation == new.generation != old.generation
+
+    run(make_store, scenario)
+
+
+def test_read_events_sees_the_session_expire_when_it_is_due(make_store: StoreFactory) -> None:
+    """Nothing announces an expiry, yet a waiting reader learns of it then, not when its wait ends."""
+
+    async def scenario(store: SessionStore) -> None:
+        started = await append(store, 0, one_sample_each(count=8), ttl_seconds=1)
+        began = time.monotonic()
+        gone = await read(store, "0-0", generation=started.generation, wait_seconds=10)
+        assert (gone.events, gone.generation) == ([], None)
+        assert time.monotonic() - began < 3
+
+    run(make_store, scenario)
+
+
+@pytest.mark.parametrize(
+    "after",
+    ["\uff11-\uff11", "\u0661-0", "1" * 21 + "-0", "0" * 130 + "-0", f"{2**64}-0", "1-2-3", "12", " 1-0", "1-0\n", ""],
+)
+def test_read_events_refuses_what_is_not_an_event_id(make_store: StoreFactory, after: str) -> None:
+    """Ids are checked as Redis checks stream ids, on both stores: ASCII digits, each part below 2**64."""
+
+    async def scenario(store: SessionStore) -> None:
+        started = await append(store, 0, one_sample_each(count=8))
+        with pytest.raises(ValueError, match="not an event id"):
+            await read(store, after, generation=started.generation)
+        # The store still answers.
+        assert (await read(store, "0-0", generation=started.generation)).generation == started.generation
+
+    run(make_store, scenario)
+
+
+def test_read_events_after_the_last_possible_id_is_empty(make_store: StoreFactory) -> None:
+    async def scenario(store: SessionStore) -> None:
+        started = await append(store, 0, one_sample_each(count=8))
+        await commit(store, 0, 1, events=events_of("p0"))
+        last = f"{2**64 - 1}-{2**64 - 1}"
+        assert (await read(store, last, generation=started.generation)) == EventBatch([], started.generation)
+
+    run(make_store, scenario)
+
+
+def test_readers_cancelled_twice_leave_the_store_working(make_store: StoreFactory) -> None:
+    """A client that goes away cancels its reader, and the server may cancel it again while it unwinds: nothing
+    may be left holding the store (the embedded store once froze for good that way)."""
+
+    async def scenario(store: SessionStore) -> None:
+        started = await append(store, 0, one_sample_each(count=8))
+        # The first reader leaves while its wait is still being set up (on Redis: subscribing), and a second
+        # one comes: it must get the next commit's events.
+        first = asyncio.create_task(read(store, "0-0", generation=started.generation, wait_seconds=5))
+        await asyncio.sleep(0)
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        second = asyncio.create_task(read(store, "0-0", generation=started.generation, wait_seconds=5))
+        await asyncio.sleep(0.1)
+        committed = await commit(store, 0, 1, events=events_of("p0"))
+        assert [event.id for event in (await second).events] == committed.event_ids
+        for _ in range(5):
+            readers = [
+                asyncio.create_task(read(store, "0-0", generation=started.generation, wait_seconds=5))
+                for _ in range(20)
+            ]
+            await asyncio.sleep(0.02)
+            for reader in readers:
+                reader.cancel()
+            await asyncio.sleep(0)
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        async with asyncio.timeout(5):
+            assert (await store.get("s1")) is not None
+            assert (await commit(store, 1, 1, events=events_of("p1"))).recorded == [1]
+            assert await store.delete("s1")
 
     run(make_store, scenario)
 
@@ -892,7 +1105,7 @@ def test_event_log_and_history_keep_the_newest(make_store: StoreFactory) -> None
                 segments=[{"segment": window}],
                 retention=retention,
             )
-        batch = await store.read_events("s1", "0-0", wait_seconds=0.01)
+        batch = await read(store, "0-0", generation=await generation_of(store, "s1"))
         assert [e.data for e in batch.events] == [e.data for e in events_of("p2", "p3", "p4")]
         assert await store.history("s1") == [{"segment": 3}, {"segment": 4}]
         assert await store.history("never-started") == []

@@ -36,7 +36,7 @@ async def get_session(session_id: SessionId, sessions: SessionsDep) -> SessionSt
 @router.get(
     "/{session_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: {}, 422: {}, 503: {}},
+    responses={200: {"content": {"text/event-stream": {}}}, 422: {}, 503: {}},
 )
 async def follow_events(
     session_id: SessionId,
@@ -44,7 +44,8 @@ async def follow_events(
     last_event_id_header: LastEventHeader = None,
     last_event_id: LastEventQuery = None,
 ) -> StreamingResponse:
-    """Server-sent events: ``prediction`` and ``transition`` as they are committed, ``end`` when the session ends."""
+    """Server-sent events: ``prediction`` and ``transition`` as they are committed, ``end`` when the session ends.
+    A session that has not started yet is waited for (with keep-alives)."""
     resume = last_event_id_header or last_event_id
     if resume is not None:
         try:

@@ -1,15 +1,18 @@
 """Session stores: per-session sample buffers and predictions, in Redis or in this process."""
 
 from app.store.base import (
+    FIRST_EVENT_ID,
     AppendResult,
     BufferOverflow,
     CommitResult,
     Event,
     EventBatch,
+    EventPosition,
     ModalityMismatch,
     OutboxEntry,
     Retention,
     SeqConflict,
+    SessionLimitReached,
     SessionSnapshot,
     SessionStore,
     StoreUnavailable,
@@ -18,15 +21,18 @@ from app.store.base import (
 )
 
 __all__ = [
+    "FIRST_EVENT_ID",
     "AppendResult",
     "BufferOverflow",
     "CommitResult",
     "Event",
     "EventBatch",
+    "EventPosition",
     "ModalityMismatch",
     "OutboxEntry",
     "Retention",
     "SeqConflict",
+    "SessionLimitReached",
     "SessionSnapshot",
     "SessionStore",
     "StoreUnavailable",

@@ -2,8 +2,8 @@
 -- KEYS[1] meta hash, KEYS[2] buffer hash (one binary float32 field per modality), KEYS[3] predictions zset,
 -- KEYS[4] events stream, KEYS[5] history list (their expiry is refreshed with the session's).
 -- ARGV: seq, ttl_ms, now, model, layout_json, origin, generation (model, layout, time origin and generation apply
--- when seq 0 starts the session), then modality/bytes pairs.
--- Nothing is written unless the whole chunk is accepted.
+-- when seq 0 starts the session), the session's news channel, then modality/bytes pairs.
+-- Nothing is written unless the whole chunk is accepted. Starting the session is news for its event readers.
 local meta, buffers, predictions = KEYS[1], KEYS[2], KEYS[3]
 local seq, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 
@@ -34,7 +34,7 @@ elseif seq ~= last + 1 then
 else
   local index, incoming = {}, {}
   for i, name in ipairs(layout.modalities) do index[name] = i end
-  for j = 8, #ARGV, 2 do
+  for j = 9, #ARGV, 2 do
     local i = index[ARGV[j]]
     if not i then return {'modalities', model, layout_json} end
     incoming[i] = ARGV[j + 1]
@@ -47,6 +47,7 @@ else
     redis.call('HSET', meta, 'model', model, 'layout', layout_json, 'started', started, 'generation', generation,
       'next_window', '0')
     redis.call('DEL', KEYS[4], KEYS[5])  -- what an ended session of the same id left behind
+    redis.call('SPUBLISH', ARGV[8], 'started')
   end
   for i, samples in pairs(incoming) do
     local name = layout.modalities[i]

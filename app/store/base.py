@@ -18,24 +18,45 @@ history, and the transitions to the outbox that webhook delivery reads, once it 
 webhook delivery opens it before its process takes requests, so every process then queues
 transitions, whatever its own settings, and none does where no webhooks are configured. The
 event log and history expire with the session; the outbox is shared by all sessions.
+
+Event readers wait without holding anything another request needs: a reader is woken by news
+of its own session (a commit, the session starting or ending) or when the session expires, and
+reads only the events after the id it gives.
 """
 
 from __future__ import annotations
 
 import abc
+import re
 from dataclasses import dataclass, field
+
+# Event ids are Redis stream ids: '<milliseconds>-<sequence>', ASCII digits, each part below 2**64.
+EVENT_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+LAST_ID_PART = 2**64 - 1
+FIRST_EVENT_ID = "0-0"  # before every event: no event has it
+SHOWN_ID_CHARACTERS = 48  # of a refused id, in the error
 
 
 def parse_event_id(text: str) -> tuple[int, int]:
-    """``'<milliseconds>-<sequence>'`` as a comparable pair; ValueError for anything else."""
-    milliseconds, _, sequence = text.partition("-")
-    if not (milliseconds.isdigit() and sequence.isdigit()) or max(int(milliseconds), int(sequence)) >= 2**64:
-        raise ValueError(f"not an event id: {text!r}")
-    return int(milliseconds), int(sequence)
+    """``'<milliseconds>-<sequence>'`` as a comparable pair; ValueError for anything Redis would not take as a
+    stream id, and for its shorthand without a sequence."""
+    match = EVENT_ID.fullmatch(text)
+    if match is None or max(int(part) for part in match.groups()) > LAST_ID_PART:
+        shown = text if len(text) <= SHOWN_ID_CHARACTERS else text[:SHOWN_ID_CHARACTERS] + "..."
+        raise ValueError(f"not an event id: {shown!r} (expected <milliseconds>-<sequence>, ASCII digits below 2**64)")
+    return int(match.group(1)), int(match.group(2))
 
 
 class StoreUnavailable(Exception):
     """The backing store cannot be reached; nothing was written."""
+
+
+class SessionLimitReached(Exception):
+    """The store holds as many sessions as it may; a new one can start once others end or expire."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the session store holds its maximum of {limit} sessions")
+        self.limit = limit
 
 
 class SeqConflict(Exception):
@@ -128,8 +149,14 @@ class CommitResult:
 
 @dataclass
 class EventBatch:
-    events: list[Event]
-    alive: bool  # False once the session has ended or expired
+    events: list[Event]  # of the generation read, oldest first
+    generation: str | None  # the session's generation when read; None: no live session (not started, ended, expired)
+
+
+@dataclass(frozen=True)
+class EventPosition:
+    generation: str | None  # None: no live session
+    last_id: str  # the newest event's id, or FIRST_EVENT_ID
 
 
 @dataclass(frozen=True)
@@ -173,9 +200,9 @@ class SessionStore(abc.ABC):
         ``origin`` apply to a new session.
 
         Raises ``SeqConflict`` for a gap or an older seq, ``ModalityMismatch`` for a
-        modality the session does not stream, ``BufferOverflow`` past ``max_buffer``;
-        then nothing is written, not even a new session. A repeat of the last seq
-        returns ``duplicate=True``, appends nothing, and still returns pending windows.
+        modality the session does not stream, ``BufferOverflow`` past ``max_buffer``, ``SessionLimitReached``
+        for a new session when the store is full; then nothing is written, not even a new session. A repeat
+        of the last seq returns ``duplicate=True``, appends nothing, and still returns pending windows.
         """
 
     @abc.abstractmethod
@@ -202,17 +229,24 @@ class SessionStore(abc.ABC):
     async def get(self, session_id: str) -> SessionSnapshot | None: ...
 
     @abc.abstractmethod
+    async def get_many(self, session_ids: list[str]) -> list[SessionSnapshot | None]:
+        """``get`` of each session, in one round trip where the store has round trips."""
+
+    @abc.abstractmethod
     async def history(self, session_id: str) -> list[dict]:
         """The segments the tracker closed, oldest first (the newest ``retention.segments``)."""
 
     @abc.abstractmethod
-    async def last_event_id(self, session_id: str) -> str:
-        """The id of the session's newest event, or '0-0'."""
+    async def event_position(self, session_id: str) -> EventPosition:
+        """The session's generation and the id of its newest event, read together."""
 
     @abc.abstractmethod
-    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
-        """The session's retained events after ``after``, waiting up to ``wait_seconds`` for one. Ending the
-        session wakes a waiting reader; its log may then end with an event of type 'end'."""
+    async def read_events(
+        self, session_id: str, after: str, *, generation: str | None, wait_seconds: float
+    ) -> EventBatch:
+        """The session's retained events after ``after`` (a page of them), as soon as there are any or the session
+        is no longer ``generation`` (it started, ended, expired, or started again); after ``wait_seconds`` without
+        either, an empty batch. ``after`` must be an event id (ValueError)."""
 
     @abc.abstractmethod
     async def open_outbox(self) -> None:

@@ -6,9 +6,10 @@
 -- KEYS: meta hash, buffer hash, predictions zset (members '<window>:<json>'), events stream,
 --   history list, outbox stream.
 -- ARGV: ttl_ms, keep_predictions, first, tracker_json, keep_events, keep_segments, keep_outbox,
---   session_id, generation, then a count and that many predictions, a count and that many segments, then
---   event type/data pairs.
+--   session_id, generation, the session's news channel, the outbox's news channel, then a count and that many
+--   predictions, a count and that many segments, then event type/data pairs.
 -- Returns {'gone'}, {'stale', next_window, tracker_json} or {'ok', buffered_json, event_ids...}.
+-- New events are news for the session's event readers, transitions queued for the outbox's.
 local meta, buffers, predictions, events, history, outbox = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local ttl, keep, first = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 -- Gone too: a session ended and started again under the same id since these windows were handed out.
@@ -25,7 +26,7 @@ for i, name in ipairs(layout.modalities) do
   received[i] = tonumber(redis.call('HGET', meta, 'received:' .. name))
   offsets[i] = tonumber(redis.call('HGET', meta, 'offset:' .. name))
 end
-local count = tonumber(ARGV[10])
+local count = tonumber(ARGV[12])
 if first + count > complete_windows(layout, received) then
   return redis.error_reply('a commit may only record complete windows')
 end
@@ -33,25 +34,28 @@ end
 -- Members are prefixed with their window so that equal predictions of different windows stay distinct.
 for j = 1, count do
   local window = first + j - 1
-  redis.call('ZADD', predictions, window, window .. ':' .. ARGV[10 + j])
+  redis.call('ZADD', predictions, window, window .. ':' .. ARGV[12 + j])
 end
 next_window = first + count
 redis.call('HSET', meta, 'next_window', tostring(next_window), 'tracker', ARGV[4])
 redis.call('ZREMRANGEBYSCORE', predictions, '-inf', '(' .. (next_window - keep))
 
-local segments_at = 11 + count
+local segments_at = 13 + count
 for j = 1, tonumber(ARGV[segments_at]) do redis.call('RPUSH', history, ARGV[segments_at + j]) end
 redis.call('LTRIM', history, -tonumber(ARGV[6]), -1)
 
-local reply, queue = {'ok', ''}, redis.call('EXISTS', outbox) == 1
+local reply, queue, queued = {'ok', ''}, redis.call('EXISTS', outbox) == 1, false
 for j = segments_at + tonumber(ARGV[segments_at]) + 1, #ARGV, 2 do
   local kind, data = ARGV[j], ARGV[j + 1]
   local id = redis.call('XADD', events, 'MAXLEN', ARGV[5], '*', 'type', kind, 'data', data)
   if kind == 'transition' and queue then
     redis.call('XADD', outbox, 'MAXLEN', ARGV[7], '*', 'session', ARGV[8], 'event', id, 'data', data)
+    queued = true
   end
   reply[#reply + 1] = id
 end
+if #reply > 2 then redis.call('SPUBLISH', ARGV[10], 'events') end
+if queued then redis.call('SPUBLISH', ARGV[11], 'transitions') end
 
 local buffered = {}
 for i, name in ipairs(layout.modalities) do

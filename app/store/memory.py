@@ -1,32 +1,45 @@
-"""The embedded store: sessions in this process, same contract as Redis, expiry checked on access."""
+"""The embedded store: sessions in this process, same contract as Redis.
+
+Every method runs to completion without awaiting anything, so the event loop itself keeps
+them atomic: there is no lock, and nothing a cancelled reader leaves behind can stop the
+store. Readers wait for news of their own session (``Wakeups``) and read only the events
+after the id they give. Expired sessions are purged every ``PURGE_INTERVAL_SECONDS`` (and a
+session found expired on access is gone at once); ``max_sessions`` caps how many it holds.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from app.store.base import (
+    FIRST_EVENT_ID,
     AppendResult,
     BufferOverflow,
     CommitResult,
     Event,
     EventBatch,
+    EventPosition,
     ModalityMismatch,
     OutboxEntry,
     Retention,
     SeqConflict,
+    SessionLimitReached,
     SessionSnapshot,
     SessionStore,
     StreamLayout,
     parse_event_id,
 )
+from app.store.wakeups import Wakeups, wait_for_news
 
+PURGE_INTERVAL_SECONDS = 1.0
+OUTBOX = ""  # the one key of the outbox's readers
 T = TypeVar("T")
 
 
@@ -36,20 +49,40 @@ class _Ids:
     def __init__(self) -> None:
         self.last = (0, 0)
 
-    def next(self) -> str:
+    def next(self) -> tuple[int, int]:
         now = int(time.time() * 1000)
         self.last = (now, 0) if now > self.last[0] else (self.last[0], self.last[1] + 1)
-        return f"{self.last[0]}-{self.last[1]}"
+        return self.last
 
 
-def _keep_newest(log: deque, keep: int) -> None:
-    while len(log) > keep:
-        log.popleft()
+def _id_text(position: tuple[int, int]) -> str:
+    return f"{position[0]}-{position[1]}"
 
 
-def _after(entries: deque, after: str) -> list:
-    position = parse_event_id(after)
-    return [entry for entry in entries if parse_event_id(entry.id) > position]
+class _Log(Generic[T]):
+    """Entries with increasing ids, the newest ``keep``: reading after an id costs what it returns."""
+
+    def __init__(self) -> None:
+        self._entries: deque[tuple[tuple[int, int], T]] = deque()
+
+    def append(self, position: tuple[int, int], entry: T, keep: int) -> None:
+        self._entries.append((position, entry))
+        while len(self._entries) > keep:
+            self._entries.popleft()
+
+    def after(self, after: str, limit: int | None = None) -> list[T]:
+        """The entries after id ``after``, oldest first, the oldest ``limit`` of them."""
+        position = parse_event_id(after)
+        newer = []
+        for entry_position, entry in reversed(self._entries):
+            if entry_position <= position:
+                break
+            newer.append(entry)
+        newer.reverse()
+        return newer[:limit] if limit is not None else newer
+
+    def last_id(self) -> str:
+        return _id_text(self._entries[-1][0]) if self._entries else FIRST_EVENT_ID
 
 
 @dataclass
@@ -67,17 +100,22 @@ class _Session:
     buffers: list[bytearray] = field(default_factory=list)
     predictions: dict[int, dict] = field(default_factory=dict)
     tracker: dict | None = None
-    events: deque[Event] = field(default_factory=deque)
+    events: _Log[Event] = field(default_factory=_Log)
     history: deque[dict] = field(default_factory=deque)
 
 
 class MemoryStore(SessionStore):
-    def __init__(self) -> None:
+    def __init__(self, *, max_sessions: int | None = None) -> None:
         self._sessions: dict[str, _Session] = {}
-        self._lock = asyncio.Lock()
-        self._changed = asyncio.Condition(self._lock)  # new events, or a session gone
+        self._max_sessions = max_sessions
+        # (expires, session, generation), pushed when a session starts; a later write only moves ``expires``
+        # on, so an entry found early is pushed again with the session's current expiry.
+        self._expiries: list[tuple[float, str, str]] = []
+        self._purging: asyncio.Task[None] | None = None
+        self._session_news = Wakeups()
+        self._outbox_news = Wakeups()
         self._ids = _Ids()
-        self._outbox: deque[OutboxEntry] = deque()
+        self._outbox: _Log[OutboxEntry] = _Log()
         self._outbox_open = False
         self._leases: dict[str, tuple[str, float]] = {}  # target -> (owner, expiry)
         self._cursors: dict[str, str] = {}
@@ -85,9 +123,34 @@ class MemoryStore(SessionStore):
     def _live(self, session_id: str) -> _Session | None:
         session = self._sessions.get(session_id)
         if session is not None and session.expires <= time.time():
-            del self._sessions[session_id]
+            self._remove(session_id)
             return None
         return session
+
+    def _remove(self, session_id: str) -> None:
+        del self._sessions[session_id]
+        self._session_news.wake(session_id)
+
+    def _purge(self, now: float) -> None:
+        """Remove every session that has expired."""
+        while self._expiries and self._expiries[0][0] <= now:
+            _, session_id, generation = heapq.heappop(self._expiries)
+            session = self._sessions.get(session_id)
+            if session is None or session.generation != generation:
+                continue  # ended, or started again with an entry of its own
+            if session.expires <= now:
+                self._remove(session_id)
+            else:
+                heapq.heappush(self._expiries, (session.expires, session_id, generation))
+
+    async def _purge_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL_SECONDS)
+            self._purge(time.time())
+
+    def _start_purging(self) -> None:
+        if self._purging is None:
+            self._purging = asyncio.get_running_loop().create_task(self._purge_forever(), name="purge-sessions")
 
     async def append(
         self,
@@ -101,30 +164,41 @@ class MemoryStore(SessionStore):
         origin: float,
         ttl_seconds: int,
     ) -> AppendResult:
-        async with self._lock:
-            session = self._live(session_id)
-            if session is None:
-                if seq != 0:
-                    raise SeqConflict(0)
-                count = len(layout.modalities)
-                session = _Session(
-                    model=model,
-                    layout=layout,
-                    started=origin,
-                    generation=uuid.uuid4().hex,
-                    updated=now,
-                    expires=now + ttl_seconds,
-                    received=[0] * count,
-                    offset=[0] * count,
-                    buffers=[bytearray() for _ in range(count)],
-                )
-            duplicate = seq == session.seq
-            if not duplicate:
-                self._append(session, seq, chunk)  # raises before changing anything
-                session.updated = now
-                self._sessions[session_id] = session
-            session.expires = now + ttl_seconds
-            return self._pending(session, duplicate=duplicate)
+        session = self._live(session_id)
+        fresh = session is None
+        if session is None:
+            if seq != 0:
+                raise SeqConflict(0)
+            count = len(layout.modalities)
+            session = _Session(
+                model=model,
+                layout=layout,
+                started=origin,
+                generation=uuid.uuid4().hex,
+                updated=now,
+                expires=now + ttl_seconds,
+                received=[0] * count,
+                offset=[0] * count,
+                buffers=[bytearray() for _ in range(count)],
+            )
+        duplicate = seq == session.seq
+        if not duplicate:
+            self._append(session, seq, chunk)  # raises before changing anything
+            session.updated = now
+        if fresh:
+            self._admit(session_id, session, now)
+        session.expires = now + ttl_seconds
+        return self._pending(session, duplicate=duplicate)
+
+    def _admit(self, session_id: str, session: _Session, now: float) -> None:
+        """Hold a new session, if there is room for it."""
+        self._purge(now)
+        if self._max_sessions is not None and len(self._sessions) >= self._max_sessions:
+            raise SessionLimitReached(self._max_sessions)
+        self._sessions[session_id] = session
+        heapq.heappush(self._expiries, (session.expires, session_id, session.generation))
+        self._start_purging()
+        self._session_news.wake(session_id)  # readers waiting for it to start
 
     @staticmethod
     def _append(session: _Session, seq: int, chunk: dict[str, bytes]) -> None:
@@ -194,150 +268,157 @@ class MemoryStore(SessionStore):
         retention: Retention,
         ttl_seconds: int,
     ) -> CommitResult:
-        async with self._lock:
-            session = self._live(session_id)
-            if session is None or session.generation != generation:  # ended, expired, or started again
-                return CommitResult(recorded=[], buffered={})
-            if first_window != session.next_window:
-                return CommitResult(
-                    recorded=[],
-                    buffered=self._result(session, duplicate=False).buffered,
-                    stale=True,
-                    next_window=session.next_window,
-                    tracker=session.tracker,
-                )
-            if first_window + len(predictions) > self._complete_windows(session):
-                raise ValueError("a commit may only record complete windows")
-            recorded = list(range(first_window, first_window + len(predictions)))
-            session.predictions.update(zip(recorded, predictions, strict=True))
-            session.next_window += len(predictions)
-            session.tracker = tracker
-            layout = session.layout
-            for i in range(len(layout.modalities)):
-                # Samples before the next window's start are needed by no future window.
-                keep_from = min(session.next_window * layout.hop[i], session.received[i])
-                if keep_from > session.offset[i]:
-                    del session.buffers[i][: (keep_from - session.offset[i]) * layout.bytes_per_sample(i)]
-                    session.offset[i] = keep_from
-            for window in [w for w in session.predictions if w < session.next_window - retention.predictions]:
-                del session.predictions[window]
-            event_ids = []
-            for event in events:
-                stored = Event(event.type, event.data, self._ids.next())
-                session.events.append(stored)
-                event_ids.append(stored.id)
-                if event.type == "transition" and self._outbox_open:
-                    self._outbox.append(OutboxEntry(self._ids.next(), session_id, stored.id, event.data))
-                    _keep_newest(self._outbox, retention.outbox)
-            session.history.extend(segments)
-            _keep_newest(session.events, retention.events)
-            _keep_newest(session.history, retention.segments)
-            session.expires = time.time() + ttl_seconds
-            if events:
-                self._changed.notify_all()
+        session = self._live(session_id)
+        if session is None or session.generation != generation:  # ended, expired, or started again
+            return CommitResult(recorded=[], buffered={})
+        if first_window != session.next_window:
             return CommitResult(
-                recorded=recorded,
+                recorded=[],
                 buffered=self._result(session, duplicate=False).buffered,
-                event_ids=event_ids,
+                stale=True,
                 next_window=session.next_window,
+                tracker=session.tracker,
             )
+        if first_window + len(predictions) > self._complete_windows(session):
+            raise ValueError("a commit may only record complete windows")
+        recorded = list(range(first_window, first_window + len(predictions)))
+        session.predictions.update(zip(recorded, predictions, strict=True))
+        session.next_window += len(predictions)
+        session.tracker = tracker
+        layout = session.layout
+        for i in range(len(layout.modalities)):
+            # Samples before the next window's start are needed by no future window.
+            keep_from = min(session.next_window * layout.hop[i], session.received[i])
+            if keep_from > session.offset[i]:
+                del session.buffers[i][: (keep_from - session.offset[i]) * layout.bytes_per_sample(i)]
+                session.offset[i] = keep_from
+        for window in [w for w in session.predictions if w < session.next_window - retention.predictions]:
+            del session.predictions[window]
+        event_ids = []
+        for event in events:
+            position = self._ids.next()
+            stored = Event(event.type, event.data, _id_text(position))
+            session.events.append(position, stored, retention.events)
+            event_ids.append(stored.id)
+            if event.type == "transition" and self._outbox_open:
+                queued = self._ids.next()
+                self._outbox.append(
+                    queued, OutboxEntry(_id_text(queued), session_id, stored.id, event.data), retention.outbox
+                )
+                self._outbox_news.wake(OUTBOX)
+        session.history.extend(segments)
+        while len(session.history) > retention.segments:
+            session.history.popleft()
+        session.expires = time.time() + ttl_seconds
+        if events:
+            self._session_news.wake(session_id)
+        return CommitResult(
+            recorded=recorded,
+            buffered=self._result(session, duplicate=False).buffered,
+            event_ids=event_ids,
+            next_window=session.next_window,
+        )
 
     async def get(self, session_id: str) -> SessionSnapshot | None:
-        async with self._lock:
-            session = self._live(session_id)
-            if session is None:
-                return None
-            result = self._result(session, duplicate=False)
-            return SessionSnapshot(
-                seq=session.seq,
-                model=session.model,
-                layout=session.layout,
-                started=session.started,
-                updated=session.updated,
-                windows=session.next_window,
-                received=result.received,
-                buffered=result.buffered,
-                predictions=[session.predictions[w] for w in sorted(session.predictions)],
-                tracker=session.tracker,
-                generation=session.generation,
-            )
+        session = self._live(session_id)
+        if session is None:
+            return None
+        result = self._result(session, duplicate=False)
+        return SessionSnapshot(
+            seq=session.seq,
+            model=session.model,
+            layout=session.layout,
+            started=session.started,
+            updated=session.updated,
+            windows=session.next_window,
+            received=result.received,
+            buffered=result.buffered,
+            predictions=[session.predictions[w] for w in sorted(session.predictions)],
+            tracker=session.tracker,
+            generation=session.generation,
+        )
+
+    async def get_many(self, session_ids: list[str]) -> list[SessionSnapshot | None]:
+        return [await self.get(session_id) for session_id in session_ids]
 
     async def history(self, session_id: str) -> list[dict]:
-        async with self._lock:
-            session = self._live(session_id)
-            return list(session.history) if session else []
+        session = self._live(session_id)
+        return list(session.history) if session else []
 
-    async def last_event_id(self, session_id: str) -> str:
-        async with self._lock:
-            session = self._live(session_id)
-            return session.events[-1].id if session and session.events else "0-0"
+    async def event_position(self, session_id: str) -> EventPosition:
+        session = self._live(session_id)
+        if session is None:
+            return EventPosition(None, FIRST_EVENT_ID)
+        return EventPosition(session.generation, session.events.last_id())
 
-    async def _wait(self, look: Callable[[], tuple[bool, T]], wait_seconds: float) -> T:
-        """``look``'s answer (under the lock) once it has found something, or when ``wait_seconds`` have
-        passed; commits and deletes wake it to look again."""
+    async def read_events(
+        self, session_id: str, after: str, *, generation: str | None, wait_seconds: float
+    ) -> EventBatch:
+        parse_event_id(after)
         deadline = time.monotonic() + wait_seconds
-        async with self._changed:
-            while True:
-                found, answer = look()
+        while True:
+            with self._session_news.watch(session_id) as news:
+                session = self._live(session_id)
+                current = session.generation if session else None
+                events = session.events.after(after) if session else []
                 remaining = deadline - time.monotonic()
-                if found or remaining <= 0:
-                    return answer
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-
-    async def read_events(self, session_id: str, after: str, *, wait_seconds: float) -> EventBatch:
-        def look() -> tuple[bool, EventBatch]:
-            session = self._live(session_id)
-            if session is None:
-                return True, EventBatch([], alive=False)
-            events = _after(session.events, after)
-            return bool(events), EventBatch(events, alive=True)
-
-        return await self._wait(look, wait_seconds)
+                if events or current != generation or remaining <= 0:
+                    return EventBatch(events, current)
+                if session is not None:  # expiry is news too, though nothing announces it
+                    remaining = min(remaining, session.expires - time.time())
+                await wait_for_news(news, remaining)
 
     async def open_outbox(self) -> None:
         self._outbox_open = True
 
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
-        def look() -> tuple[bool, list[OutboxEntry]]:
-            entries = _after(self._outbox, after)[:limit]
-            return bool(entries), entries
-
-        return await self._wait(look, wait_seconds)
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            with self._outbox_news.watch(OUTBOX) as news:
+                entries = self._outbox.after(after, limit)
+                remaining = deadline - time.monotonic()
+                if entries or remaining <= 0:
+                    return entries
+                await wait_for_news(news, remaining)
 
     async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
-        async with self._lock:
-            holder, expires = self._leases.get(target, (owner, 0.0))
-            now = time.monotonic()
-            if holder != owner and expires > now:
-                return None
-            self._leases[target] = (owner, now + lease_seconds)
-            return self._cursors.setdefault(target, start_after)
+        holder, expires = self._leases.get(target, (owner, 0.0))
+        now = time.monotonic()
+        if holder != owner and expires > now:
+            return None
+        self._leases[target] = (owner, now + lease_seconds)
+        return self._cursors.setdefault(target, start_after)
 
     async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
-        async with self._lock:
-            holder, expires = self._leases.get(target, ("", 0.0))
-            if holder != owner or expires <= time.monotonic():
-                return False
-            self._cursors[target] = outbox_id
-            return True
+        holder, expires = self._leases.get(target, ("", 0.0))
+        if holder != owner or expires <= time.monotonic():
+            return False
+        self._cursors[target] = outbox_id
+        return True
 
     async def delete(self, session_id: str) -> bool:
-        async with self._changed:
-            deleted = self._live(session_id) is not None and self._sessions.pop(session_id, None) is not None
-            self._changed.notify_all()
-            return deleted
+        if self._live(session_id) is None:
+            return False
+        self._remove(session_id)
+        return True
 
     async def active_sessions(self, *, now: float, ttl_seconds: int) -> int:
-        async with self._lock:
-            for session_id in [sid for sid, s in self._sessions.items() if s.expires <= now]:
-                del self._sessions[session_id]
-            return len(self._sessions)
+        self._purge(now)
+        return len(self._sessions)
 
     async def recent_sessions(self, *, now: float, ttl_seconds: int, limit: int) -> list[str]:
-        async with self._lock:
-            live = [(s.updated, sid) for sid, s in self._sessions.items() if s.expires > now]
-            return [sid for _, sid in sorted(live, reverse=True)[:limit]]
+        self._purge(now)
+        return [
+            session_id
+            for _, session_id in sorted(((s.updated, sid) for sid, s in self._sessions.items()), reverse=True)[:limit]
+        ]
 
     async def ping(self) -> None:
         return None
+
+    async def close(self) -> None:
+        if self._purging is not None:
+            self._purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purging
+            self._purging = None

@@ -1,0 +1,186 @@
+"""News of sessions over Redis sharded pub/sub, for the event readers waiting in this process.
+
+The scripts that change a session publish on its channel (``SPUBLISH``, from inside the
+script, so news never precedes what it announces). This process subscribes to a channel
+while readers of it wait, and one connection carries the news of every channel followed, so
+a thousand open event streams cost one connection rather than a thousand blocked reads.
+
+A reader subscribes before it looks (``watch`` returns once Redis confirmed the
+subscription), so news published while it looks is not lost. A channel stays subscribed for
+``LINGER_SECONDS`` after its last reader leaves, as a reader's next wait follows at once.
+When the connection drops, every reader is woken to look again, and again once the
+subscriptions are back: news sent in between is lost, what it announced is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from app.store.base import StoreUnavailable
+from app.store.wakeups import Wakeups
+
+log = logging.getLogger(__name__)
+
+LINGER_SECONDS = 10.0
+CONFIRM_TIMEOUT_SECONDS = 2.0
+RECONNECT_DELAY_SECONDS = 0.5
+
+
+class RedisNews:
+    def __init__(self, client: Redis, outage: tuple[type[BaseException], ...]) -> None:
+        self._client = client
+        self._outage = outage
+        self._pubsub: PubSub | None = None
+        self._wakeups = Wakeups()
+        self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> its subscription's confirmation
+        self._leaving: dict[str, int] = {}  # channel -> confirmations of this process's unsubscribing still to come
+        self._linger: dict[str, asyncio.TimerHandle] = {}
+        self._connecting: asyncio.Task[PubSub] | None = None
+        self._listening: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._reconnecting = False
+
+    @contextlib.asynccontextmanager
+    async def watch(self, channel: str) -> AsyncIterator[asyncio.Future[None]]:
+        """A future that news on ``channel`` completes, subscribed when this yields; ``StoreUnavailable`` if
+        Redis cannot confirm the subscription."""
+        try:
+            with self._wakeups.watch(channel) as news:
+                if handle := self._linger.pop(channel, None):
+                    handle.cancel()
+                await self._subscribe(channel)
+                yield news
+        finally:
+            if not self._wakeups.watched(channel) and channel not in self._linger:
+                loop = asyncio.get_running_loop()
+                self._linger[channel] = loop.call_later(LINGER_SECONDS, self._unsubscribe, channel)
+
+    async def _subscribe(self, channel: str) -> None:
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirmed[channel] = confirmed
+            # In a task of its own: a reader cancelled meanwhile (its client gone) must not leave the
+            # subscription half asked for, with every later reader waiting for its confirmation.
+            self._in_background(self._ask(channel, confirmed))
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT_SECONDS):
+                await asyncio.shield(confirmed)
+        except TimeoutError as error:
+            self._forget(channel, confirmed)  # the next reader asks again
+            raise StoreUnavailable(f"Redis did not confirm the subscription to {channel}") from error
+
+    async def _ask(self, channel: str, confirmed: asyncio.Future[None]) -> None:
+        try:
+            pubsub = await self._connected()
+            await pubsub.ssubscribe(channel)
+        except self._outage as error:
+            self._forget(channel, confirmed)
+            if not confirmed.done():
+                confirmed.set_exception(StoreUnavailable(str(error)))
+                confirmed.exception()  # retrieved here too: no reader may be waiting for it any more
+
+    def _forget(self, channel: str, confirmed: asyncio.Future[None]) -> None:
+        if self._confirmed.get(channel) is confirmed:
+            del self._confirmed[channel]
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _connected(self) -> PubSub:
+        """The subscriber connection, opened once however many readers come at the same time."""
+        connecting = self._connecting
+        if connecting is None or (connecting.done() and (connecting.cancelled() or connecting.exception() is not None)):
+            self._connecting = asyncio.get_running_loop().create_task(self._connect(), name="redis-news-connect")
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> PubSub:
+        pubsub = self._client.pubsub()
+        await pubsub.connect()
+        self._pubsub = pubsub
+        self._listening = asyncio.get_running_loop().create_task(self._listen(pubsub), name="redis-news")
+        return pubsub
+
+    def _unsubscribe(self, channel: str) -> None:
+        self._linger.pop(channel, None)
+        if self._wakeups.watched(channel) or self._confirmed.pop(channel, None) is None:
+            return
+        self._leave(channel)
+
+    def _leave(self, channel: str) -> None:
+        if self._pubsub is None:
+            return
+        self._leaving[channel] = self._leaving.get(channel, 0) + 1
+        self._in_background(self._send_unsubscribe(self._pubsub, channel))
+
+    async def _send_unsubscribe(self, pubsub: PubSub, channel: str) -> None:
+        try:
+            await pubsub.sunsubscribe(channel)
+        except self._outage as error:  # the subscription goes with the connection anyway
+            log.debug("unsubscribing from %s failed: %s", channel, error)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(timeout=None)
+            except self._outage as error:
+                if not self._reconnecting:
+                    log.warning("session news lost its Redis connection: %s", error)
+                self._reconnecting = True
+                self._leaving.clear()  # the connection took the subscriptions, and their confirmations
+                self._wakeups.wake_all()  # readers look again: they may have missed news
+                await asyncio.sleep(RECONNECT_DELAY_SECONDS)
+                continue
+            if message is not None:
+                self._receive(message)
+
+    def _receive(self, message: dict) -> None:
+        kind = _text(message["type"])
+        channel = _text(message["channel"]) if message.get("channel") is not None else ""
+        if self._reconnecting and kind == "ssubscribe":
+            # The connection is back with its subscriptions: news sent meanwhile is lost, so everyone looks again.
+            self._reconnecting = False
+            log.info("session news reconnected to Redis")
+            self._wakeups.wake_all()
+        if kind == "smessage":
+            self._wakeups.wake(channel)
+        elif kind == "ssubscribe":
+            confirmed = self._confirmed.get(channel)
+            if confirmed is None:  # renewed by a reconnection after this process had let it go
+                self._leave(channel)
+            elif not confirmed.done():
+                confirmed.set_result(None)
+        elif kind == "sunsubscribe":
+            if self._leaving.get(channel, 0) > 0:
+                self._leaving[channel] -= 1
+                if not self._leaving[channel]:
+                    del self._leaving[channel]
+            elif self._confirmed.pop(channel, None) is not None:
+                # Redis ended a subscription this process still wants (its slot moved to another node): its
+                # readers look again and subscribe anew.
+                self._wakeups.wake(channel)
+
+    async def close(self) -> None:
+        for handle in self._linger.values():
+            handle.cancel()
+        self._linger.clear()
+        tasks = [task for task in (self._connecting, self._listening, *self._background) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
+            self._pubsub = None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
