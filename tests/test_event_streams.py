@@ -75,11 +75,12 @@ def follow(base: str, session_id: str, **headers: str) -> queue.Queue:
     return events
 
 
-def next_event(events: queue.Queue) -> ServerSentEvent | None:
-    """The next event, skipping keep-alives (None: the stream closed)."""
+def next_event(events: queue.Queue, timeout: float = WAIT_S) -> ServerSentEvent | None:
+    """The next prediction or end (None: the stream closed), skipping keep-alives and the transitions that the
+    tracker confirms at windows of its own choosing."""
     while True:
-        item = events.get(timeout=WAIT_S)
-        if item != KEEP_ALIVE:
+        item = events.get(timeout=timeout)
+        if item != KEEP_ALIVE and not (isinstance(item, ServerSentEvent) and item.type == "transition"):
             return item
 
 
@@ -144,7 +145,7 @@ def test_stream_of_an_expired_session_ends_when_it_expires(
         send(client, "short-lived", 0, pieces(watch_data, 1)[0])
         first = next_event(events)
         assert first is not None and first.type == "prediction"
-        end = events.get(timeout=10)  # the session expires 2 s after its chunk
+        end = next_event(events, timeout=10)  # the session expires 2 s after its chunk
         assert isinstance(end, ServerSentEvent) and end.type == "end", end
         assert events.get(timeout=WAIT_S) is None
 
