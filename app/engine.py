@@ -1,8 +1,9 @@
-"""The inference engine: the loaded bundles, their batching workers, and input checks.
+"""The inference engine as the API process sees it: the served models and their answers.
 
-Routes hand it windows as parsed JSON rows; it turns them into arrays, checks them
-against the model's modalities (any problem is a 422 naming it), and answers with
-probabilities from the student, the teacher, or the cascade of both.
+The networks live in the inference process (``app.inference``); this side knows the models from
+their manifests (modalities, classes, version ...), hands already-checked float32 windows to the
+inference process grouped by modality subset, and turns its answers into probabilities, or into
+domain exceptions: overload, queue deadline, an inference process that is restarting.
 """
 
 from __future__ import annotations
@@ -10,19 +11,60 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from app.errors import ApiError, invalid_input, unavailable
+from app.decoding import InputSpec, Window
+from app.exceptions import InvalidInput, QueueTimeout
+from app.inference.protocol import NO_FALLBACK, Outcome, Result
+from app.inference.supervisor import InferenceSupervisor, LoadRequest
 from app.settings import Settings
-from app.worker import BatchingWorker, Overloaded
-from model import Bundle, InputError, load_bundle
+from model import DMFTConfig, ModalitySpec
 
 log = logging.getLogger(__name__)
 
 MODEL_NAMES = ("student", "teacher")
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded bundle, described by its manifest."""
+
+    name: str
+    version: str
+    params: int
+    metrics: dict[str, Any]
+    config: DMFTConfig
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> ServedModel:
+        return cls(
+            manifest["name"],
+            manifest["version"],
+            manifest["params"],
+            manifest["metrics"],
+            DMFTConfig.from_dict(manifest["config"]),
+        )
+
+    @property
+    def modalities(self) -> list[ModalitySpec]:
+        return self.config.modalities
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.config.class_names
+
+    @property
+    def window_seconds(self) -> float:
+        return self.config.window_seconds
+
+    @cached_property
+    def window_samples(self) -> dict[str, int]:
+        return {spec.name: spec.samples(self.window_seconds) for spec in self.modalities}
 
 
 @dataclass
@@ -32,103 +74,102 @@ class Answer:
 
 
 class InferenceEngine:
-    def __init__(self, bundles: dict[str, Bundle], settings: Settings) -> None:
-        self.bundles = bundles
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # Modalities by name, shared by both models; looked up for every chunk and window.
-        self.specs = {spec.name: spec for spec in bundles["student"].modalities}
-        self.workers = {
-            name: BatchingWorker(
-                bundle,
+        self.models: dict[str, ServedModel] = {}
+        self.supervisor = InferenceSupervisor(
+            LoadRequest(
+                bundles=[str(Path(settings.bundles) / name) for name in MODEL_NAMES],
+                compile=settings.compile_models,
+                threads=settings.torch_threads,
                 max_batch_size=settings.max_batch_size,
-                max_delay_s=settings.max_batch_delay_ms / 1000,
-                queue_size=settings.queue_size,
-            )
-            for name, bundle in bundles.items()
-        }
+            ),
+            queue_size=settings.queue_size,
+            queue_timeout_s=settings.queue_timeout_seconds,
+        )
 
-    @classmethod
-    def load(cls, settings: Settings) -> InferenceEngine:
-        torch.set_num_threads(settings.torch_threads)
-        bundles = {
-            name: load_bundle(Path(settings.bundles) / name, compile=settings.compile_models) for name in MODEL_NAMES
-        }
-        student, teacher = bundles["student"], bundles["teacher"]
+    async def start(self) -> None:
+        manifests = await self.supervisor.start()
+        self.models = {name: ServedModel.from_manifest(m) for name, m in zip(MODEL_NAMES, manifests, strict=True)}
+        student, teacher = self.models["student"], self.models["teacher"]
         if student.modalities != teacher.modalities or student.class_names != teacher.class_names:
+            await self.stop()
             raise ValueError("the student and teacher bundles disagree on modalities or classes")
-        for bundle in bundles.values():
-            log.info("loaded %s %s (%d parameters)", bundle.name, bundle.version, bundle.params)
-        return cls(bundles, settings)
-
-    def start(self) -> None:
-        for worker in self.workers.values():
-            worker.start()
+        for model in self.models.values():
+            log.info("loaded %s %s (%d parameters)", model.name, model.version, model.params)
 
     async def stop(self) -> None:
-        await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
+        """Answer the windows in flight, then end the inference process."""
+        await self.supervisor.stop(DRAIN_TIMEOUT_S)
 
     @property
-    def reference(self) -> Bundle:
-        """The bundle whose modalities and classes both models share."""
-        return self.bundles["student"]
+    def ready(self) -> bool:
+        return self.supervisor.ready
 
-    def to_window(self, modalities: dict[str, list[list[float]]]) -> dict[str, np.ndarray]:
-        """Parsed JSON rows of one window to checked float32 arrays ``(T, C)``."""
-        arrays = {name: self.to_samples(name, rows) for name, rows in modalities.items()}
-        try:
-            checked = self.reference.check_inputs({name: array[None] for name, array in arrays.items()})
-        except InputError as error:
-            raise invalid_input(str(error)) from error
-        return {name: array[0] for name, array in checked.items()}
+    @property
+    def reference(self) -> ServedModel:
+        """The model whose modalities and classes both models share."""
+        return self.models["student"]
 
-    def to_samples(self, name: str, rows: list[list[float]]) -> np.ndarray:
-        """Rows of one modality, any count, to ``(N, C)``; ragged or empty rows are a 422."""
-        if name not in self.specs:
-            raise invalid_input(f"unknown modality {name!r}; this model reads " + ", ".join(self.specs))
-        if not rows:
-            raise invalid_input(f"{name}: no samples")
-        channels = self.specs[name].channels
-        try:
-            with np.errstate(over="ignore"):  # out-of-range values are reported below
-                array = np.asarray(rows, dtype=np.float32)
-        except ValueError:  # ragged rows; the loop below names the first one
-            array = None
-        if array is None or array.shape[1:] != (channels,):
-            index, row = next((i, row) for i, row in enumerate(rows) if len(row) != channels)
-            raise invalid_input(f"{name}: row {index} has {len(row)} values, expected {channels} channels")
-        if not np.isfinite(array).all():
-            row = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
-            raise invalid_input(f"{name}: row {row} holds a value outside the float32 range")
-        return array
+    @cached_property
+    def specs(self) -> dict[str, ModalitySpec]:
+        """Modalities by name, in model order."""
+        return {spec.name: spec for spec in self.reference.modalities}
 
-    async def predict_windows(self, windows: list[dict[str, np.ndarray]], model: str) -> list[Answer]:
-        """Probabilities for each window, in order; the cascade asks the teacher only where needed."""
-        first = "student" if model == "cascade" else model
-        answers = [Answer(p, first) for p in await self._run(first, windows)]
-        if model == "cascade":
-            unsure = [
-                i for i, answer in enumerate(answers) if answer.probabilities.max() < self.settings.cascade_threshold
-            ]
-            if unsure:
-                second = await self._run("teacher", [windows[i] for i in unsure])
-                for index, probabilities in zip(unsure, second, strict=True):
-                    answers[index] = Answer(probabilities, "teacher")
-        return answers
+    @cached_property
+    def input_spec(self) -> InputSpec:
+        reference = self.reference
+        return InputSpec(
+            self.specs, reference.window_samples, reference.window_seconds, self.settings.max_sample_magnitude
+        )
 
-    async def _run(self, model: str, windows: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    async def predict_windows(self, windows: list[Window], model: str) -> list[Answer]:
+        """Probabilities for each window, in order; the cascade asks the teacher only where the student is unsure."""
+        first, fallback = ("student", "teacher") if model == "cascade" else (model, None)
+        groups: dict[int, list[int]] = {}
+        for index, window in enumerate(windows):
+            groups.setdefault(self._mask(window), []).append(index)
+        futures = [self._submit(first, fallback, mask, [windows[i] for i in group]) for mask, group in groups.items()]
         try:
-            futures = self.workers[model].submit(windows)
-        except Overloaded as error:
-            raise unavailable(
-                "overloaded",
-                f"the {model} model is at capacity ({error}); retry shortly",
-                self.settings.retry_after_seconds,
-            ) from error
-        try:
-            return list(await asyncio.gather(*futures))
-        except asyncio.CancelledError:
+            results = await asyncio.gather(*futures)
+        except BaseException:
             for future in futures:
                 future.cancel()
             raise
-        except Exception as error:
-            raise ApiError(500, "inference_failed", f"the {model} model failed: {error}") from error
+        answers: dict[int, Answer] = {}
+        for group, result in zip(groups.values(), results, strict=True):
+            self._raise_for(result, first, group)
+            for position, index in enumerate(group):
+                answers[index] = Answer(result.probabilities[position], MODEL_NAMES[result.models[position]])
+        return [answers[index] for index in range(len(windows))]
+
+    def _mask(self, window: Window) -> int:
+        """Bit i set: the window holds modality i (model order)."""
+        return sum(1 << position for position, name in enumerate(self.specs) if name in window)
+
+    def _submit(self, first: str, fallback: str | None, mask: int, windows: list[Window]) -> asyncio.Future[Result]:
+        names = [name for position, name in enumerate(self.specs) if mask & (1 << position)]
+        return self.supervisor.submit(
+            MODEL_NAMES.index(first),
+            NO_FALLBACK if fallback is None else MODEL_NAMES.index(fallback),
+            self.settings.cascade_threshold,
+            mask,
+            len(windows),
+            b"".join(window[name].tobytes() for name in names for window in windows),
+        )
+
+    def _raise_for(self, result: Result, model: str, group: list[int]) -> None:
+        """The domain exception of an answer other than probabilities, if it is one."""
+        if result.outcome is Outcome.EXPIRED:
+            raise QueueTimeout(
+                f"the request waited longer than {self.settings.queue_timeout_seconds:g} s in the {model} model's "
+                "queue; retry shortly"
+            )
+        if result.outcome is Outcome.NON_FINITE:
+            window = group[result.failed_window]
+            raise InvalidInput(
+                f"window {window}: the model gives no finite answer for its samples; they are too extreme to classify",
+                details=[{"window": window}],
+            )
+        if result.outcome is Outcome.FAILED:
+            raise RuntimeError(result.message)

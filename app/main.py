@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.errors import install_error_handlers
-from app.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from app.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestMetricsMiddleware
+from app.openapi import install_openapi
 from app.routes import dashboard, health, models, predict, sessions
 from app.routes.docs import install_docs
 from app.services import open_services
@@ -39,8 +40,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    # Added last, so outermost: it also times the answers of the body limit.
+    # Outside the body limit: it also times the limit's answers.
     app.add_middleware(RequestMetricsMiddleware)
+    # Added last, so outermost: every answer, even one to an unexpected error, carries the request id.
+    app.add_middleware(RequestContextMiddleware)
     for router in (predict.router, sessions.router, models.router, health.router, dashboard.router):
         app.include_router(router)
+    install_openapi(app)
     return app

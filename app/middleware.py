@@ -1,14 +1,54 @@
-"""ASGI middleware: request metrics and the request body limit."""
+"""ASGI middleware: request ids and unexpected errors, request metrics, and the request body limit."""
 
 from __future__ import annotations
 
+import logging
 import time
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.errors import ApiError, error_response
+from app.errors import ApiError, bind_request_id, error_response, internal_error, unbind_request_id
+
+log = logging.getLogger(__name__)
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's ``X-Request-ID`` when sane) and echoes it on the answer.
+
+    Outermost of the service's middleware, it also answers an unexpected exception with a 500 in the
+    error shape and logs it under the request id. Starlette's own last resort answers too, but then
+    re-raises, and the server drops the keep-alive connection without saying so.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id, token = bind_request_id(Headers(scope=scope).get("x-request-id"))
+        answered = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s: %s %s failed", request_id, scope["method"], scope["path"])
+            if answered:
+                raise  # the answer is under way: nothing else can be said on this connection
+            await error_response(internal_error())(scope, receive, send_with_id)
+        finally:
+            unbind_request_id(token)
 
 
 class RequestMetricsMiddleware:

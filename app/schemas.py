@@ -11,21 +11,40 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 Sample = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 # Rows of samples of one modality: ``[[x, y, z], ...]``, one row per sample.
 Rows = list[list[Sample]]
+ModalityName = Annotated[str, Field(min_length=1)]
 ModelChoice = Literal["student", "teacher", "cascade"]
 # A session id, chosen by the client: it names Redis keys and MQTT topics, so it is kept plain.
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 SESSION_ID_RULE = "use 1 to 128 letters, digits, '.', '_', ':' or '-'"
 
 
+# The request bodies below document what the routes decode themselves (``app.decoding``); the
+# OpenAPI document shows them with examples sized to the served models (``app.openapi``).
+
+
 class WindowSamples(BaseModel):
-    modalities: dict[str, Rows] = Field(
+    modalities: dict[ModalityName, Rows] = Field(
         min_length=1,
         description="One window per modality: exactly the model's samples per window, one row of channels each.",
-        examples=[{"accelerometer": [[0.01, -0.98, 0.12]], "gyroscope": [[0.1, 0.0, -0.2]]}],
     )
 
 
 class Window(WindowSamples):
+    model: ModelChoice = "student"
+
+
+class PackedSamples(BaseModel):
+    """Samples of one modality in the MessagePack body: ``shape`` [samples, channels] and their float32 bytes."""
+
+    shape: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]]
+    data: bytes = Field(description="samples x channels little-endian float32 values, row by row (MessagePack bin).")
+
+
+class PackedWindowSamples(BaseModel):
+    modalities: dict[ModalityName, PackedSamples] = Field(min_length=1)
+
+
+class PackedWindow(PackedWindowSamples):
     model: ModelChoice = "student"
 
 
@@ -40,7 +59,12 @@ class Prediction(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    windows: list[WindowSamples] = Field(min_length=1)
+    windows: list[WindowSamples] = Field(min_length=1, description="At most DMFT_MAX_BATCH_WINDOWS.")
+    model: ModelChoice = "student"
+
+
+class PackedBatchRequest(BaseModel):
+    windows: list[PackedWindowSamples] = Field(min_length=1, description="At most DMFT_MAX_BATCH_WINDOWS.")
     model: ModelChoice = "student"
 
 
@@ -70,14 +94,26 @@ class ModelsResponse(BaseModel):
     cascade_threshold: float
 
 
-class SamplesChunk(BaseModel):
+class _ChunkFields(BaseModel):
     seq: int = Field(ge=0, description="0 for the first chunk of a session, then one more per chunk.")
-    modalities: dict[str, Rows] = Field(min_length=1, description="Samples per modality, any count, at its rate.")
     model: ModelChoice = Field(default="student", description="Fixed by the session's first chunk.")
     timestamp: AwareDatetime | None = Field(
         default=None,
-        description="The client's clock at the chunk's first sample. On seq 0 it becomes the session's time origin, "
-        "so window and transition times are in the client's clock; otherwise server time is used.",
+        description="The client's clock at the chunk's first sample, from 1970-01-01 to before 2200-01-01. On seq 0 "
+        "it becomes the session's time origin, so window and transition times are in the client's clock; otherwise "
+        "server time is used.",
+    )
+
+
+class SamplesChunk(_ChunkFields):
+    modalities: dict[ModalityName, Rows] = Field(
+        min_length=1, description="Samples per modality, any count, at its rate."
+    )
+
+
+class PackedSamplesChunk(_ChunkFields):
+    modalities: dict[ModalityName, PackedSamples] = Field(
+        min_length=1, description="Samples per modality, any count, at its rate."
     )
 
 
@@ -201,7 +237,10 @@ class Health(BaseModel):
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable reason, e.g. 'invalid_input', 'seq_conflict'.")
     message: str
-    details: list[dict] | None = None
+    details: list[dict] = Field(
+        description="Machine-readable specifics, e.g. the field and problem, or the expected seq; at most 5."
+    )
+    request_id: str = Field(description="The answer's X-Request-ID; the service's log names it beside the details.")
 
 
 class ErrorResponse(BaseModel):

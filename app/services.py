@@ -46,15 +46,17 @@ def build_store(settings: Settings) -> SessionStore:
 async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Load the models, connect the store and start webhook delivery; on exit, finish queued windows
     and stop."""
-    engine = InferenceEngine.load(settings)
+    engine = InferenceEngine(settings)
+    await engine.start()
     store = build_store(settings)
-    webhooks = WebhookDispatcher(store, settings)
-    engine.start()
-    await webhooks.start()
-    log.info("serving with %s session store, %d webhook target(s)", type(store).__name__, len(settings.webhooks))
     try:
-        yield Services(settings, engine, store, SessionService(store, engine, settings))
+        webhooks = WebhookDispatcher(store, settings)
+        await webhooks.start()
+        log.info("serving with %s session store, %d webhook target(s)", type(store).__name__, len(settings.webhooks))
+        try:
+            yield Services(settings, engine, store, SessionService(store, engine, settings))
+        finally:
+            await webhooks.stop()
     finally:
-        await webhooks.stop()
-        await engine.stop()  # finishes queued windows first
+        await engine.stop()  # answers the windows in flight first
         await store.close()

@@ -13,6 +13,7 @@ classifies it then. Each commit also advances the session's activity tracker
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -20,12 +21,12 @@ from datetime import UTC, datetime
 import numpy as np
 
 from app import metrics
+from app.decoding import Chunk
 from app.engine import InferenceEngine
-from app.errors import ApiError, invalid_input, unavailable
+from app.exceptions import InvalidInput, SeqOutOfOrder, SessionCapacity, SessionNotFound
 from app.schemas import (
     FeedItem,
     History,
-    SamplesChunk,
     SamplesResponse,
     Segment,
     SessionState,
@@ -49,6 +50,8 @@ from app.store import (
     StreamLayout,
 )
 from app.tracker import SegmentRecord, TrackerState, WindowLabel, advance, tracker_config
+
+log = logging.getLogger(__name__)
 
 
 def _timestamp(epoch_seconds: float) -> datetime:
@@ -79,11 +82,6 @@ class SessionService:
         )
         self.tracker = tracker_config(settings, engine.reference.window_seconds)
 
-    def _unavailable(self, error: StoreUnavailable) -> ApiError:
-        return unavailable(
-            "store_unavailable", f"session store unreachable: {error}", self.settings.retry_after_seconds
-        )
-
     def layout_for(self, modalities: list[str]) -> StreamLayout:
         window = self.engine.reference.window_samples
         chosen = [spec for name, spec in self.engine.specs.items() if name in modalities]  # model order
@@ -97,8 +95,9 @@ class SessionService:
             ),
         )
 
-    async def append(self, session_id: str, chunk: SamplesChunk) -> SamplesResponse:
-        arrays = {name: self.engine.to_samples(name, rows) for name, rows in chunk.modalities.items()}
+    async def append(self, session_id: str, chunk: Chunk) -> SamplesResponse:
+        """Append a decoded chunk (``app.decoding.decode_chunk``: checked samples, a timestamp in range)."""
+        arrays = chunk.samples
         now = time.time()
         try:
             result = await self.store.append(
@@ -106,32 +105,21 @@ class SessionService:
                 seq=chunk.seq,
                 model=chunk.model,
                 layout=self.layout_for(list(arrays)),
-                chunk={name: array.astype("<f4").tobytes() for name, array in arrays.items()},
+                chunk={name: array.tobytes() for name, array in arrays.items()},
                 now=now,
                 origin=chunk.timestamp.timestamp() if chunk.timestamp else now,
                 ttl_seconds=self.settings.session_ttl_seconds,
             )
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
         except SeqConflict as error:
-            raise ApiError(
-                409,
-                "seq_conflict",
-                f"seq {chunk.seq} is out of order: expected {error.expected}",
-                details=[{"expected_seq": error.expected}],
-            ) from error
+            raise SeqOutOfOrder(chunk.seq, error.expected) from error
         except ModalityMismatch as error:
-            raise invalid_input(
+            raise InvalidInput(
                 f"this session streams {', '.join(error.session_modalities)}; got {', '.join(arrays)}"
             ) from error
         except SessionLimitReached as error:
-            raise unavailable(
-                "session_limit",
-                f"no room for a new session: {error}; retry when sessions have ended",
-                self.settings.retry_after_seconds,
-            ) from error
+            raise SessionCapacity(f"no room for a new session: {error}; retry when sessions have ended") from error
         except BufferOverflow as error:
-            raise invalid_input(
+            raise InvalidInput(
                 f"{error.modality}: more than {self.settings.max_buffer_seconds:g} s buffered beyond a window; "
                 "send the other modalities' samples too"
             ) from error
@@ -242,20 +230,17 @@ class SessionService:
                 )
                 for record in update.transitions
             ]
-            try:
-                committed = await self.store.commit(
-                    session_id,
-                    first,
-                    pending_records,
-                    generation=result.generation,
-                    tracker=update.state.to_dict(),
-                    events=self._events(session_id, pending_records, transitions, update.confirmed_at),
-                    segments=[vars(segment) for segment in update.closed_segments],
-                    retention=self.retention,
-                    ttl_seconds=self.settings.session_ttl_seconds,
-                )
-            except StoreUnavailable as error:
-                raise self._unavailable(error) from error
+            committed = await self.store.commit(
+                session_id,
+                first,
+                pending_records,
+                generation=result.generation,
+                tracker=update.state.to_dict(),
+                events=self._events(session_id, pending_records, transitions, update.confirmed_at),
+                segments=[vars(segment) for segment in update.closed_segments],
+                retention=self.retention,
+                ttl_seconds=self.settings.session_ttl_seconds,
+            )
             if committed.stale:
                 tracker, first = TrackerState.from_dict(committed.tracker), committed.next_window
                 continue
@@ -309,10 +294,7 @@ class SessionService:
     async def history(self, session_id: str, since: datetime | None, until: datetime | None) -> History:
         """The session's activity segments overlapping ``[since, until]``, the ongoing one last."""
         snapshot = await self._snapshot(session_id)
-        try:
-            closed = await self.store.history(session_id)
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
+        closed = await self.store.history(session_id)
         segments = [_segment(SegmentRecord(**record), ongoing=False) for record in closed]
         ongoing = TrackerState.from_dict(snapshot.tracker).segment
         if ongoing is not None and ongoing.windows > 0:
@@ -333,10 +315,7 @@ class SessionService:
         A session that has not started yet is waited for, and followed from its first event. Resuming
         after an event of a session that is gone meanwhile (any id but ``FIRST_EVENT_ID``) ends at once.
         """
-        try:
-            position = await self.store.event_position(session_id)
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
+        position = await self.store.event_position(session_id)
         if position.generation is None and last_event_id not in (None, FIRST_EVENT_ID):
             return self._ended(session_id)
         return self._follow(session_id, last_event_id or position.last_id, position.generation)
@@ -369,17 +348,20 @@ class SessionService:
     async def overview(self, limit: int, feed: int) -> tuple[int, list[SessionSummary], list[FeedItem]]:
         """The live-session count, the ``limit`` sessions updated last and their ``feed`` newest predictions."""
         now, ttl = time.time(), self.settings.session_ttl_seconds
-        try:
-            count = await self.store.active_sessions(now=now, ttl_seconds=ttl)
-            ids = await self.store.recent_sessions(now=now, ttl_seconds=ttl, limit=limit)
-            snapshots = await self.store.get_many(ids)
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
+        count = await self.store.active_sessions(now=now, ttl_seconds=ttl)
+        ids = await self.store.recent_sessions(now=now, ttl_seconds=ttl, limit=limit)
+        snapshots = await self.store.get_many(ids)
         sessions, items = [], []
         for session_id, snapshot in zip(ids, snapshots, strict=True):
             if snapshot is None:  # ended between the two reads
                 continue
-            state = self._state(session_id, snapshot)
+            try:
+                state = self._state(session_id, snapshot)
+            except (ValueError, OverflowError):
+                # One session's unreadable record (e.g. times beyond the calendar, written before they were
+                # refused) must not take the overview away from every other session.
+                log.exception("session %s left out of the overview", session_id)
+                continue
             last_window = state.recent[-1] if state.recent else None
             lasted = (last_window.end_time - state.since).total_seconds() if last_window and state.since else None
             # The summary is the fields of the state it names, plus the last window and how long the activity lasted.
@@ -392,20 +374,13 @@ class SessionService:
         return count, sessions, items[:feed]
 
     async def delete(self, session_id: str) -> None:
-        try:
-            deleted = await self.store.delete(session_id)
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
-        if not deleted:
-            raise ApiError(404, "session_not_found", f"no session {session_id!r} (ended or expired)")
+        if not await self.store.delete(session_id):
+            raise SessionNotFound(session_id)
 
     async def _snapshot(self, session_id: str) -> SessionSnapshot:
-        try:
-            snapshot = await self.store.get(session_id)
-        except StoreUnavailable as error:
-            raise self._unavailable(error) from error
+        snapshot = await self.store.get(session_id)
         if snapshot is None:
-            raise ApiError(404, "session_not_found", f"no session {session_id!r} (never started, ended or expired)")
+            raise SessionNotFound(session_id)
         return snapshot
 
     async def refresh_active_gauge(self) -> None:

@@ -44,6 +44,15 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(default=0.0, ge=0, description="How long a window waits for others to join.")
     queue_size: int = Field(default=1024, ge=1, description="Windows waiting per model before 503.")
     retry_after_seconds: int = Field(default=1, ge=1, description="Retry-After of overload and outage answers.")
+    # Longer than a busy teacher's queue takes to drain (about 1.3 s for a full queue of 1,024 windows),
+    # far shorter than a client waits before it gives up and sends again.
+    queue_timeout_seconds: float = Field(
+        default=2.0, ge=0, description="Windows queued longer are answered 503 and not computed (0: no deadline)."
+    )
+    # Far beyond any sensor's range in any unit, far below what overflows the networks (about 1e20).
+    max_sample_magnitude: float = Field(
+        default=1e6, gt=0, description="Samples of larger magnitude are refused with 422, naming their row."
+    )
 
     hop_seconds: float = Field(default=1.0, gt=0, description="A session is classified every this many seconds.")
     session_ttl_seconds: int = Field(default=900, ge=1, description="An idle session expires after this.")

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import metrics
+from app.errors import MAX_DETAILS
 from app.main import create_app
 from app.settings import Settings
 from tools.traffic import WatchData, load_watch_data
@@ -24,7 +25,7 @@ from .redis_fixtures import RedisTarget
 
 WINDOW = 100  # samples per window of the shipped bundles (2 s at 50 Hz)
 HOP = 50  # samples between session windows (the default hop of 1 s at 50 Hz)
-ERROR_KEYS = {"code", "message", "details"}
+ERROR_KEYS = {"code", "message", "details", "request_id"}
 
 
 @pytest.fixture(scope="session")
@@ -52,18 +53,24 @@ def client_on_each_store(request: pytest.FixtureRequest) -> Iterator[TestClient]
 def assert_error(
     response: Any, status: int, code: str | None = None, *, mentions: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The answer is ``status`` in the service's one error shape; its message names every ``mentions``."""
+    """The answer is ``status`` in the service's one error shape; its message names every ``mentions``.
+
+    The shape: ``code``, ``message``, ``details`` (always a list of objects, a few at most) and the
+    ``request_id`` that the answer's ``X-Request-ID`` header carries too.
+    """
     assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text}"
+    assert response.headers["content-type"] == "application/json"
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
-    assert {"code", "message"} <= set(error) <= ERROR_KEYS, error
+    assert set(error) == ERROR_KEYS, error
     assert isinstance(error["code"], str) and error["code"], error
     assert isinstance(error["message"], str) and error["message"], error
     if code is not None:
         assert error["code"] == code, error
-    if "details" in error:
-        assert isinstance(error["details"], list) and all(isinstance(d, dict) for d in error["details"]), error
+    assert isinstance(error["details"], list) and all(isinstance(d, dict) for d in error["details"]), error
+    assert len(error["details"]) <= MAX_DETAILS, error
+    assert error["request_id"] == response.headers["x-request-id"], (error, response.headers)
     for word in mentions:
         assert word.lower() in error["message"].lower(), f"{word!r} not named in {error['message']!r}"
     return error

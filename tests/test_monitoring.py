@@ -25,8 +25,7 @@ import pytest
 import yaml
 from prometheus_client import REGISTRY
 
-from app.worker import BatchingWorker
-from model import load_bundle
+from app.engine import InferenceEngine
 from tools import render_dashboard
 from tools.stack import run_prometheus, run_service
 from tools.traffic import WatchData
@@ -331,20 +330,20 @@ def test_dashboard_panels_use_the_provisioned_datasource_and_fit_the_grid() -> N
 
 
 def test_queue_gauges_count_windows_waiting_for_the_model(watch_data: WatchData) -> None:
-    bundle = load_bundle(memory_settings().bundles / "student", compile=False)
     rows = watch_data.window(int(watch_data.test[0]))
     window = {name: np.asarray(samples, dtype=np.float32) for name, samples in rows.items()}
 
     def gauge(name: str) -> float | None:
-        return REGISTRY.get_sample_value(name, {"model": bundle.name})
+        return REGISTRY.get_sample_value(name, {"model": "student"})
 
     async def fill_and_drain() -> tuple[float | None, float | None]:
-        worker = BatchingWorker(bundle, max_batch_size=4, max_delay_s=0.0, queue_size=16)
-        worker.start()
-        futures = worker.submit([window] * 10)  # nothing awaited yet: all ten wait in the queue
+        engine = InferenceEngine(memory_settings(max_batch_size=4, queue_size=16))
+        await engine.start()
+        answers = asyncio.ensure_future(engine.predict_windows([window] * 10, "student"))
+        await asyncio.sleep(0)  # sent to the inference process; its answers cannot have been read yet
         queued = gauge("dmft_queue_depth")
-        await asyncio.gather(*futures)
-        await worker.stop()
+        await answers
+        await engine.stop()
         return queued, gauge("dmft_queue_depth")
 
     queued, drained = asyncio.run(fill_and_drain())

@@ -143,7 +143,7 @@ def test_rejected_chunks_are_published_in_the_error_shape(
     watcher.publish(f"{bridge.prefix}/porch/samples", b'{"seq": 1, "modalities": {"accelerometer": [[1, "x", 2]]}}')
     invalid = watcher.wait_for(errors).json()["error"]
     assert invalid["code"] == "invalid_input" and invalid["message"].startswith("modalities.accelerometer[0][1]: ")
-    assert set(invalid) == {"code", "message", "details"}
+    assert set(invalid) == {"code", "message", "details", "request_id"}
 
     _stream(watcher, bridge, "porch", [second], first_seq=1)  # the errors left the session as it was
     assert _session_over_http(module_redis_target, "porch", 1)["received"] == dict.fromkeys(MODALITIES, 2 * CHUNK)

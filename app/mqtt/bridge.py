@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from pydantic import ValidationError
 
 from app.client import SESSION_ID, RetryPolicy
-from app.errors import ApiError, invalid_fields, invalid_input, unavailable
+from app.decoding import BodyFormat, Chunk, decode_chunk
+from app.errors import ApiError, describe
+from app.exceptions import DomainError, InvalidInput, Overloaded
 from app.mqtt.discovery import OFFLINE, ONLINE, Topics, discovery_configs
 from app.mqtt.limits import BridgeLimits
-from app.schemas import SESSION_ID_RULE, SamplesChunk, SamplesResponse
+from app.schemas import SESSION_ID_RULE, SamplesResponse
 from app.services import Services, open_services
 from app.settings import Settings
 from app.store import StoreUnavailable
@@ -136,7 +137,7 @@ class MqttBridge:
         if session_id is None:
             return
         if not SESSION_ID.fullmatch(session_id):
-            error = invalid_input(f"topic {topic!r}: session id {session_id!r}: {SESSION_ID_RULE}")
+            error = self._describe(InvalidInput(f"topic {topic!r}: session id {session_id!r}: {SESSION_ID_RULE}"))
             self.client.publish(self.topics.rejected, json.dumps(error.body()), qos=QOS)
             return
         queue = self._queues.get(session_id)
@@ -154,8 +155,7 @@ class MqttBridge:
         queue.put_nowait(payload)
 
     def _refuse(self, session_id: str, why: str) -> None:
-        retry_after = self.services.settings.retry_after_seconds
-        self._publish(session_id, "error", unavailable("overloaded", f"chunk not taken: {why}", retry_after).body())
+        self._publish(session_id, "error", self._describe(Overloaded(f"chunk not taken: {why}")).body())
 
     async def _work(self, session_id: str, queue: asyncio.Queue[bytes]) -> None:
         """Process one session's chunks in order; end once it has been idle a while."""
@@ -179,14 +179,10 @@ class MqttBridge:
 
     async def _process(self, session_id: str, payload: bytes) -> None:
         try:
-            chunk = SamplesChunk.model_validate_json(payload)
-        except ValidationError as error:
-            self._publish(session_id, "error", invalid_fields(list(error.errors())).body())
-            return
-        try:
+            chunk = decode_chunk(payload, BodyFormat.JSON, self.services.engine.input_spec)
             response = await self._append(session_id, chunk)
-        except ApiError as error:
-            self._publish(session_id, "error", error.body())
+        except (DomainError, StoreUnavailable) as error:
+            self._publish(session_id, "error", self._describe(error).body())
             return
         first = session_id not in self._announced
         if first:
@@ -198,12 +194,16 @@ class MqttBridge:
         if first or response.predictions:
             await self._publish_state(session_id)
 
-    async def _append(self, session_id: str, chunk: SamplesChunk) -> SamplesResponse:
+    def _describe(self, error: DomainError | StoreUnavailable) -> ApiError:
+        return describe(error, retry_after=self.services.settings.retry_after_seconds)
+
+    async def _append(self, session_id: str, chunk: Chunk) -> SamplesResponse:
         attempt = 0
         while True:
             try:
                 return await self.services.sessions.append(session_id, chunk)
-            except ApiError as error:
+            except (DomainError, StoreUnavailable) as exception:
+                error = self._describe(exception)
                 retry_after = (error.headers or {}).get("Retry-After")
                 wait = self.retry.delay(attempt, float(retry_after or 0)) if error.status == 503 else None
                 if wait is None:
@@ -215,8 +215,8 @@ class MqttBridge:
     async def _publish_state(self, session_id: str) -> None:
         try:
             state = await self.services.sessions.state(session_id)
-        except ApiError as error:
-            log.warning("session %s: no state to publish: %s", session_id, error.message)
+        except (DomainError, StoreUnavailable) as error:
+            log.warning("session %s: no state to publish: %s", session_id, error)
             return
         body = state.model_dump(mode="json", include={"activity", "confidence", "since", "model", "updated_at"})
         self._publish(session_id, "state", body, retain=True)

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 
 from app import metrics
 from app.deps import SessionsDep
+from app.openapi import error_responses
 from app.schemas import LatencyHistogram, Overview
 
 router = APIRouter(tags=["dashboard"])
@@ -32,7 +33,7 @@ def _histogram(counts: list[float]) -> LatencyHistogram:
     )
 
 
-@router.get(OVERVIEW_ROUTE)
+@router.get(OVERVIEW_ROUTE, responses=error_responses(422, 503))
 async def overview(
     sessions: SessionsDep,
     limit: Annotated[int, Query(ge=1, le=500, description="Sessions to list.")] = 100,

@@ -3,33 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from app import metrics
 from app.deps import EngineDep, SessionsDep, StoreDep
+from app.errors import current_request_id
+from app.openapi import error_responses
 from app.schemas import Health
 from app.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 STORE_ANSWER_SECONDS = 2.0  # a store slower than this to answer a ping is not ready
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses())
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", responses={503: {"model": Health}})
+@router.get("/readyz", responses={503: {"model": Health}, **error_responses()})
 async def readyz(engine: EngineDep, store: StoreDep) -> JSONResponse:
-    checks = {"models": "ok" if engine.bundles else "not loaded"}
+    """Models loaded in a running inference process, and the session store reachable."""
+    checks = {"models": "ok" if engine.ready else "inference process not running"}
     try:
         async with asyncio.timeout(STORE_ANSWER_SECONDS):
             await store.ping()
         checks["store"] = "ok"
     except StoreUnavailable as error:
-        checks["store"] = f"unreachable: {error}"
+        # The reason names internal addresses: it goes to the log, under this answer's request id.
+        log.warning("request %s: session store unreachable: %s", current_request_id(), error)
+        checks["store"] = "unreachable"
     except TimeoutError:
         checks["store"] = f"no answer within {STORE_ANSWER_SECONDS:g} s"
     ready = all(value == "ok" for value in checks.values())

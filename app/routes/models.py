@@ -5,15 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.deps import EngineDep, SettingsDep
+from app.openapi import error_responses
 from app.schemas import ModalityInfo, ModelInfo, ModelsResponse
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-@router.get("")
+@router.get("", responses=error_responses())
 async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelsResponse:
     models = []
-    for name, bundle in engine.bundles.items():
+    for name, bundle in engine.models.items():
         metrics = {
             key: bundle.metrics[key]
             for key in ("accuracy", "macro_f1", "missing_modality", "held_out_subjects")

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import AwareDatetime
 
-from app.deps import SessionsDep
-from app.errors import invalid_input
-from app.schemas import SESSION_ID_PATTERN, History, SamplesChunk, SamplesResponse, SessionState
+from app.decoding import body_format, decode_chunk
+from app.deps import EngineDep, SessionsDep
+from app.exceptions import InvalidInput
+from app.openapi import error_responses, request_body
+from app.schemas import SESSION_ID_PATTERN, History, SamplesResponse, SessionState
 from app.store import Event, parse_event_id
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
@@ -23,12 +25,21 @@ LastEventQuery = Annotated[str | None, Query(description="Resume after this even
 RECONNECT_MS = 1000
 
 
-@router.post("/{session_id}/samples", responses={404: {}, 409: {}, 422: {}, 503: {}})
-async def append_samples(session_id: SessionId, chunk: SamplesChunk, sessions: SessionsDep) -> SamplesResponse:
-    return await sessions.append(session_id, chunk)
+@router.post(
+    "/{session_id}/samples",
+    response_model=SamplesResponse,
+    responses=error_responses(409, 413, 415, 422, 503),
+    openapi_extra=request_body("chunk"),
+)
+async def append_samples(session_id: SessionId, request: Request, sessions: SessionsDep, engine: EngineDep) -> Response:
+    """A chunk of samples, as JSON or MessagePack; answers the windows it completed."""
+    fmt = body_format(request.headers.get("content-type"))
+    chunk = decode_chunk(await request.body(), fmt, engine.input_spec)
+    answer = await sessions.append(session_id, chunk)
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
-@router.get("/{session_id}", responses={404: {}, 503: {}})
+@router.get("/{session_id}", responses=error_responses(404, 422, 503))
 async def get_session(session_id: SessionId, sessions: SessionsDep) -> SessionState:
     return await sessions.state(session_id)
 
@@ -36,7 +47,7 @@ async def get_session(session_id: SessionId, sessions: SessionsDep) -> SessionSt
 @router.get(
     "/{session_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 422: {}, 503: {}},
+    responses={200: {"content": {"text/event-stream": {}}}, **error_responses(422, 503)},
 )
 async def follow_events(
     session_id: SessionId,
@@ -51,7 +62,7 @@ async def follow_events(
         try:
             parse_event_id(resume)
         except ValueError as error:
-            raise invalid_input(f"Last-Event-ID: {error}") from error
+            raise InvalidInput(f"Last-Event-ID: {error}") from error
     events = await sessions.events(session_id, resume)
     return StreamingResponse(
         _server_sent(events),
@@ -69,7 +80,7 @@ async def _server_sent(events: AsyncIterator[Event | None]) -> AsyncIterator[str
             yield (f"id: {event.id}\n" if event.id else "") + f"event: {event.type}\ndata: {event.data}\n\n"
 
 
-@router.get("/{session_id}/history", responses={404: {}, 503: {}})
+@router.get("/{session_id}/history", responses=error_responses(404, 422, 503))
 async def get_history(
     session_id: SessionId,
     sessions: SessionsDep,
@@ -83,7 +94,7 @@ async def get_history(
     return await sessions.history(session_id, since, until)
 
 
-@router.delete("/{session_id}", status_code=204, responses={404: {}, 503: {}})
+@router.delete("/{session_id}", status_code=204, responses=error_responses(404, 422, 503))
 async def end_session(session_id: SessionId, sessions: SessionsDep) -> Response:
     await sessions.delete(session_id)
     return Response(status_code=204)
