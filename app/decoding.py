@@ -304,9 +304,9 @@ def _samples(name: str, samples: Rows | Packed, spec: InputSpec) -> np.ndarray:
         if set(map(len, samples)) != {channels} and count:
             index, row = next((i, row) for i, row in enumerate(samples) if len(row) != channels)
             raise InvalidInput(f"{name}: row {index} has {len(row)} values, expected {channels} channels")
-        with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, reported below
-            flat = np.fromiter(itertools.chain.from_iterable(samples), dtype=SAMPLE_DTYPE, count=count * channels)
-        array = flat.reshape(count, channels)
+        # Read as float64, so that the bound below is checked before anything could overflow float32.
+        array = np.fromiter(itertools.chain.from_iterable(samples), dtype=np.float64, count=count * channels)
+        array = array.reshape(count, channels)
     if count == 0:
         raise InvalidInput(f"{name}: no samples")
     # NaN fails the comparison too; magnitudes far beyond any sensor overflow the network to NaN.
@@ -316,7 +316,7 @@ def _samples(name: str, samples: Rows | Packed, spec: InputSpec) -> np.ndarray:
             f"{name}: row {row} holds a value that is not a finite number within ±{spec.max_magnitude:g}",
             details=[{"modality": name, "row": row}],
         )
-    return array
+    return array.astype(SAMPLE_DTYPE, copy=False)
 
 
 def _arrays(modalities: dict[str, Rows] | dict[str, Packed], spec: InputSpec) -> Window:

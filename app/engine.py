@@ -130,12 +130,8 @@ class InferenceEngine:
         for index, window in enumerate(windows):
             groups.setdefault(self._mask(window), []).append(index)
         futures = [self._submit(first, fallback, mask, [windows[i] for i in group]) for mask, group in groups.items()]
-        try:
-            results = await asyncio.gather(*futures)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        # One group is the common case: awaited alone, it skips gather's bookkeeping on the hot path.
+        results = [await futures[0]] if len(futures) == 1 else await asyncio.gather(*futures)
         answers: dict[int, Answer] = {}
         for group, result in zip(groups.values(), results, strict=True):
             self._raise_for(result, first, group)

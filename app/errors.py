@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
+import secrets
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +50,7 @@ def current_request_id() -> str:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return secrets.token_hex(8)
 
 
 def bind_request_id(header: str | None) -> tuple[str, Token[str | None]]:

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     )
     # Far beyond any sensor's range in any unit, far below what overflows the networks (about 1e20).
     max_sample_magnitude: float = Field(
-        default=1e6, gt=0, description="Samples of larger magnitude are refused with 422, naming their row."
+        default=1e6, gt=0, le=1e30, description="Samples of larger magnitude are refused with 422, naming their row."
     )
 
     hop_seconds: float = Field(default=1.0, gt=0, description="A session is classified every this many seconds.")

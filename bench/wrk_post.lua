@@ -1,8 +1,8 @@
--- POST the file named by the first script argument to the target URL.
+-- POST the file named by the first script argument, with the content type of the second (default JSON).
 init = function(args)
-  local file = assert(io.open(args[1], "r"))
+  local file = assert(io.open(args[1], "rb"))
   wrk.body = file:read("*a")
   file:close()
   wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["Content-Type"] = args[2] or "application/json"
 end

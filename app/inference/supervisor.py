@@ -91,6 +91,7 @@ class InferenceSupervisor:
         self._classes = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
+        self._outgoing: list[bytes] = []  # frames to send at the end of this turn of the event loop
         self._in_flight: list[int] = []
         self._process: subprocess.Popen[bytes] | None = None
         self._transport: asyncio.Transport | None = None
@@ -163,12 +164,21 @@ class InferenceSupervisor:
         request = next(self._ids)
         now = time.monotonic()
         deadline = now + self.queue_timeout_s if self.queue_timeout_s > 0 else NO_DEADLINE
-        self._transport.write(predict_frame(request, model, fallback, threshold, mask, windows, deadline, samples))
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(predict_frame(request, model, fallback, threshold, mask, windows, deadline, samples))
+        future: asyncio.Future[Result] = loop.create_future()
         self._pending[request] = _Pending(future, model, windows, now)
         self._in_flight[model] += windows
         self._set_depth(model)
         return future
+
+    def _flush(self) -> None:
+        """Send what the requests of this turn of the event loop queued, in one write."""
+        frames, self._outgoing = self._outgoing, []
+        if self._transport is not None:  # else the process died meanwhile: their requests are answered already
+            self._transport.write(b"".join(frames))
 
     def _received(self, kind: Kind, body: bytes) -> None:
         if kind is Kind.RESULT:
