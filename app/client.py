@@ -8,7 +8,11 @@ the server acknowledges a repeat of a session's last ``seq`` as ``duplicate`` an
 so a chunk whose answer was lost on the way back is never counted twice.
 
 Any other error answer raises ``ServiceError``, which carries the service's one error shape
-``{"error": {"code", "message", "details"}}``.
+``{"error": {"code", "message", "details", "request_id"}}``.
+
+With ``binary=True`` the samples of predictions and chunks go out as MessagePack, each modality as
+its shape and little-endian float32 bytes (``Content-Type: application/msgpack``): smaller bodies
+that the service reads without parsing numbers. Answers are JSON either way.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
+import msgspec
 import numpy as np
 from pydantic import BaseModel
 
@@ -49,6 +54,7 @@ M = TypeVar("M", bound=BaseModel)
 # Samples per modality: rows of channels, as nested sequences or a (T, C) array.
 Modalities = Mapping[str, Sequence[Sequence[float]] | np.ndarray]
 
+MSGPACK_MEDIA_TYPE = "application/msgpack"
 # What the API accepts as a session id.
 SESSION_ID = re.compile(SESSION_ID_PATTERN)
 RETRY_STATUSES = frozenset({502, 503, 504})
@@ -141,6 +147,17 @@ def _rows(modalities: Modalities) -> dict[str, Any]:
     return {name: rows.tolist() if isinstance(rows, np.ndarray) else rows for name, rows in modalities.items()}
 
 
+def _packed(modalities: Modalities) -> dict[str, Any]:
+    """Each modality as ``{"shape": [samples, channels], "data": <little-endian float32 bytes>}``."""
+    packed = {}
+    for name, rows in modalities.items():
+        array = np.ascontiguousarray(rows, dtype="<f4")
+        if array.ndim != 2:
+            raise ValueError(f"{name}: samples must be rows of channels (2-D), got shape {array.shape}")
+        packed[name] = {"shape": list(array.shape), "data": array.tobytes()}
+    return packed
+
+
 def _reader(model: type[M]) -> Callable[[httpx.Response], M]:
     return lambda response: model.model_validate_json(response.content)
 
@@ -158,8 +175,17 @@ class _Call(Generic[T]):
     read: Callable[[httpx.Response], T]
     body: Any = None
     params: dict[str, str] | None = None
+    binary: bool = False  # the body goes as MessagePack rather than JSON
     # Answers that mean an earlier try, whose answer was lost, already did it (a DELETE finds nothing left).
     done_if_resent: frozenset[int] = frozenset()
+
+    def content(self) -> dict[str, Any]:
+        """The body's arguments of an ``httpx`` request."""
+        if self.body is None:
+            return {}
+        if self.binary:
+            return {"content": msgspec.msgpack.encode(self.body), "headers": {"content-type": MSGPACK_MEDIA_TYPE}}
+        return {"json": self.body}
 
     def result(self, response: httpx.Response, resent: bool) -> T:
         if response.is_success or (resent and response.status_code in self.done_if_resent):
@@ -262,8 +288,12 @@ class _EventFeed:
 class _Api:
     """Every call of the service as a ``_Call``, and the retry decision; no I/O."""
 
-    def __init__(self, retry: RetryPolicy | None) -> None:
+    def __init__(self, retry: RetryPolicy | None, binary: bool) -> None:
         self.retry = retry or RetryPolicy()
+        self.binary = binary
+
+    def _samples(self, modalities: Modalities) -> dict[str, Any]:
+        return _packed(modalities) if self.binary else _rows(modalities)
 
     def _wait(self, attempt: int, response: httpx.Response | None) -> float | None:
         """Seconds to wait before sending again; None when this answer (or failure) is final."""
@@ -278,11 +308,12 @@ class _Api:
         return f"/v1/sessions/{quote(session_id, safe='')}{suffix}"
 
     def _predict(self, modalities: Modalities, model: ModelChoice) -> _Call[Prediction]:
-        return _Call("POST", "/v1/predict", _reader(Prediction), {"modalities": _rows(modalities), "model": model})
+        body = {"modalities": self._samples(modalities), "model": model}
+        return _Call("POST", "/v1/predict", _reader(Prediction), body, binary=self.binary)
 
     def _predict_batch(self, windows: Sequence[Modalities], model: ModelChoice) -> _Call[list[Prediction]]:
-        body = {"windows": [{"modalities": _rows(window)} for window in windows], "model": model}
-        return _Call("POST", "/v1/predict/batch", _batch_predictions, body)
+        body = {"windows": [{"modalities": self._samples(window)} for window in windows], "model": model}
+        return _Call("POST", "/v1/predict/batch", _batch_predictions, body, binary=self.binary)
 
     def _models(self) -> _Call[ModelsResponse]:
         return _Call("GET", "/v1/models", _reader(ModelsResponse))
@@ -290,11 +321,12 @@ class _Api:
     def _chunk(
         self, session_id: str, seq: int, modalities: Modalities, model: ModelChoice, timestamp: datetime | None
     ) -> _Call[SamplesResponse]:
-        body: dict[str, Any] = {"seq": seq, "modalities": _rows(modalities), "model": model}
+        body: dict[str, Any] = {"seq": seq, "modalities": self._samples(modalities), "model": model}
         if timestamp is not None:
             _require_zone("timestamp", timestamp)
             body["timestamp"] = timestamp.isoformat()
-        return _Call("POST", self._session_path(session_id, "/samples"), _reader(SamplesResponse), body)
+        path = self._session_path(session_id, "/samples")
+        return _Call("POST", path, _reader(SamplesResponse), body, binary=self.binary)
 
     def _session(self, session_id: str) -> _Call[SessionState]:
         return _Call("GET", self._session_path(session_id), _reader(SessionState))
@@ -314,7 +346,8 @@ class _Api:
 
 
 class ActivityClient(_Api):
-    """Blocking client; ``**options`` go to ``httpx.Client`` (transport, headers, auth, trust_env ...)."""
+    """Blocking client; ``binary`` sends samples as MessagePack; ``**options`` go to ``httpx.Client``
+    (transport, headers, auth, trust_env ...)."""
 
     def __init__(
         self,
@@ -322,16 +355,17 @@ class ActivityClient(_Api):
         *,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        binary: bool = False,
         **options: Any,
     ) -> None:
-        super().__init__(retry)
+        super().__init__(retry, binary)
         self._http = httpx.Client(base_url=base_url, timeout=timeout, **options)
 
     def _send(self, call: _Call[T]) -> T:
         attempt, resent = 0, False
         while True:
             try:
-                response = self._http.request(call.method, call.path, json=call.body, params=call.params)
+                response = self._http.request(call.method, call.path, params=call.params, **call.content())
             except TRANSIENT_ERRORS as error:
                 wait = self._wait(attempt, None)
                 if wait is None:
@@ -412,7 +446,7 @@ class ActivityClient(_Api):
 
 
 class AsyncActivityClient(_Api):
-    """The asyncio client; ``**options`` go to ``httpx.AsyncClient``."""
+    """The asyncio client; ``binary`` and ``**options`` (for ``httpx.AsyncClient``) as in ``ActivityClient``."""
 
     def __init__(
         self,
@@ -420,16 +454,17 @@ class AsyncActivityClient(_Api):
         *,
         timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        binary: bool = False,
         **options: Any,
     ) -> None:
-        super().__init__(retry)
+        super().__init__(retry, binary)
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **options)
 
     async def _send(self, call: _Call[T]) -> T:
         attempt, resent = 0, False
         while True:
             try:
-                response = await self._http.request(call.method, call.path, json=call.body, params=call.params)
+                response = await self._http.request(call.method, call.path, params=call.params, **call.content())
             except TRANSIENT_ERRORS as error:
                 wait = self._wait(attempt, None)
                 if wait is None:

@@ -39,6 +39,7 @@ from app.store import StoreUnavailable
 log = logging.getLogger(__name__)
 
 MAX_DETAILS = 5
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 # A client's X-Request-ID is kept when it is short and plain enough to log and echo safely.
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -157,12 +158,11 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path: a 405 lists them all, not one route's."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)
+    ]
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -67,6 +69,27 @@ def _chunks(watch_data: WatchData, count: int | None = None) -> list[dict[str, n
     length = len(recording["accelerometer"])
     chunks = [{name: a[start : start + CHUNK] for name, a in recording.items()} for start in range(0, length, CHUNK)]
     return chunks[:count]
+
+
+def test_binary_client_sends_msgpack_and_gets_the_answers_of_json(server: Server, watch_data: WatchData) -> None:
+    window = {name: np.asarray(rows) for name, rows in watch_data.window(int(watch_data.test[0])).items()}
+    sent: list[str] = []
+
+    def record(request: httpx.Request) -> None:
+        sent.append(request.headers["content-type"])
+
+    hooks = {"request": [record]}
+    with _client(server.base) as plain, ActivityClient(server.base, binary=True, event_hooks=hooks) as binary:
+        expected = plain.predict(window)
+        assert binary.predict(window).probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+        [batched] = binary.predict_batch([window])
+        assert batched.probabilities == pytest.approx(expected.probabilities, abs=1e-6)
+        session_id = f"binary-{uuid.uuid4().hex[:8]}"
+        answer = binary.stream(session_id).send({name: samples[:WINDOW] for name, samples in window.items()})
+        assert [p.window for p in answer.predictions] == [0]
+        with pytest.raises(ValueError, match="2-D"):
+            binary.predict({"accelerometer": np.zeros(300)})
+    assert sent == ["application/msgpack"] * 3
 
 
 def test_predict_batch_and_models_parse_into_the_schemas(server: Server, watch_data: WatchData) -> None:
