@@ -59,7 +59,14 @@ class _Work:
     inputs: dict[str, np.ndarray]  # modality -> (windows, T, C)
     models: np.ndarray  # (windows,) the model that answered each window
     probabilities: np.ndarray  # (windows, K)
-    started: float = 0.0
+    started: float = 0.0  # when its first forward pass began (monotonic); 0 before
+    expired: bool = False  # its deadline passed before any of its windows went through the network
+    failure: str | None = None  # a forward pass over its windows raised this
+
+    def expire_if_late(self, now: float) -> bool:
+        deadline = self.request.deadline
+        self.expired = self.expired or (not self.started and deadline != NO_DEADLINE and now > deadline)
+        return self.expired
 
 
 # Windows of one model and modality subset, each as (its request's work, its rows in that request).
@@ -98,30 +105,19 @@ class InferenceServer:
             self.buffer += data
 
     def _round(self, requests: list[PredictRequest]) -> list[bytes]:
-        replies: list[bytes] = []
-        now = time.monotonic()
-        live = []
-        for request in requests:
-            if request.deadline != NO_DEADLINE and now > request.deadline:
-                replies.append(failure_frame(request.request, Outcome.EXPIRED, now, b""))
-            else:
-                live.append(self._work(request))
-        # The samples are copied out of the receive buffer above, so it may change from here on.
+        work = [self._work(request) for request in requests]
         groups: Groups = defaultdict(list)
-        for work in live:
-            groups[(work.request.model, work.request.mask)].append((work, np.arange(work.request.windows)))
-        failed: dict[int, str] = {}
-        replies += self._passes(groups, failed)
+        for item in work:
+            groups[(item.request.model, item.request.mask)].append((item, np.arange(item.request.windows)))
+        records = self._passes(groups)
         unsure: Groups = defaultdict(list)
-        for work in live:
-            if work.request.fallback != NO_FALLBACK and work.request.request not in failed:
-                rows = np.flatnonzero(work.probabilities.max(axis=1) < work.request.threshold)
+        for item in work:
+            if item.request.fallback != NO_FALLBACK and item.started and item.failure is None:
+                rows = np.flatnonzero(item.probabilities.max(axis=1) < item.request.threshold)
                 if len(rows):
-                    unsure[(work.request.fallback, work.request.mask)].append((work, rows))
-        replies += self._passes(unsure, failed)
-        for work in live:
-            replies.append(self._answer(work, failed.get(work.request.request)))
-        return replies
+                    unsure[(item.request.fallback, item.request.mask)].append((item, rows))
+        records += self._passes(unsure)
+        return records + [self._answer(item) for item in work]
 
     def _work(self, request: PredictRequest) -> _Work:
         inputs, offset = {}, 0
@@ -129,42 +125,53 @@ class InferenceServer:
             if request.mask & (1 << index):
                 shape = (request.windows, self.bundles[0].window_samples[spec.name], spec.channels)
                 count = shape[0] * shape[1] * shape[2]
-                inputs[spec.name] = np.frombuffer(request.samples, FLOAT32, count, offset).reshape(shape).copy()
+                inputs[spec.name] = np.frombuffer(request.samples, FLOAT32, count, offset).reshape(shape)
                 offset += count * FLOAT32.itemsize
         models = np.full(request.windows, request.model, np.uint8)
         return _Work(request, inputs, models, np.zeros((request.windows, self.classes), np.float32))
 
-    def _passes(self, groups: Groups, failed: dict[int, str]) -> list[bytes]:
-        """Forward passes over each group's windows, ``max_batch_size`` at a time; their ``PASS`` records."""
+    def _passes(self, groups: Groups) -> list[bytes]:
+        """Forward passes over each group's windows, ``max_batch_size`` at a time; their ``PASS`` records.
+
+        Before each pass, requests that have not started and whose deadline passed are dropped: the
+        deadline bounds the wait for the network, also for work that arrived in this round.
+        """
         records = []
         for (model, _), members in groups.items():
             names = list(members[0][0].inputs)
             inputs = {name: np.concatenate([work.inputs[name][rows] for work, rows in members]) for name in names}
-            owners = [(work, row) for work, rows in members for row in rows]
-            for start in range(0, len(owners), self.max_batch_size):
-                batch = owners[start : start + self.max_batch_size]
-                began = time.monotonic()
-                try:
-                    probabilities = self.bundles[model].predict(
-                        {name: array[start : start + len(batch)] for name, array in inputs.items()}
-                    )
-                except Exception as error:  # the requests are told; the process serves on
-                    log.exception("forward pass of %s failed", self.bundles[model].name)
-                    for work, _ in batch:
-                        failed[work.request.request] = f"the {self.bundles[model].name} model failed: {error}"
-                    continue
-                seconds = time.monotonic() - began
-                records.append(frame(Kind.PASS, PASS_RECORD.pack(model, len(batch), seconds)))
-                for (work, row), answer in zip(batch, probabilities, strict=True):
-                    work.probabilities[row] = answer
-                    work.models[row] = model
-                    work.started = work.started or began
+            rows = [(work, row) for work, rows in members for row in rows]
+            waiting = [(work, row, position) for position, (work, row) in enumerate(rows)]
+            while waiting:
+                now = time.monotonic()
+                waiting = [entry for entry in waiting if not entry[0].expire_if_late(now)]
+                batch, waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
+                if batch:
+                    records += self._pass(model, batch, inputs)
         return records
 
-    def _answer(self, work: _Work, failure: str | None) -> bytes:
+    def _pass(self, model: int, batch: list[tuple[_Work, int, int]], inputs: dict[str, np.ndarray]) -> list[bytes]:
+        positions = [position for _, _, position in batch]
+        began = time.monotonic()
+        try:
+            probabilities = self.bundles[model].predict({name: array[positions] for name, array in inputs.items()})
+        except Exception as error:  # the requests are told; the process serves on
+            log.exception("forward pass of %s failed", self.bundles[model].name)
+            for work, _, _ in batch:
+                work.failure = f"the {self.bundles[model].name} model failed: {error}"
+            return []
+        for (work, row, _), answer in zip(batch, probabilities, strict=True):
+            work.probabilities[row] = answer
+            work.models[row] = model
+            work.started = work.started or began
+        return [frame(Kind.PASS, PASS_RECORD.pack(model, len(batch), time.monotonic() - began))]
+
+    def _answer(self, work: _Work) -> bytes:
         request = work.request.request
-        if failure is not None:
-            return failure_frame(request, Outcome.FAILED, work.started, failure.encode())
+        if work.expired:
+            return failure_frame(request, Outcome.EXPIRED, 0.0, b"")
+        if work.failure is not None:
+            return failure_frame(request, Outcome.FAILED, work.started, work.failure.encode())
         finite = np.isfinite(work.probabilities).all(axis=1)
         if not finite.all():
             window = int(np.flatnonzero(~finite)[0])
