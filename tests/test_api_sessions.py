@@ -464,3 +464,41 @@ def test_metrics_follow_session_traffic(client: TestClient, recording: Samples) 
     assert delta("dmft_batch_size_sum", {"model": "student"}) == 5 + 1
     assert delta("dmft_queue_wait_seconds_count", {"model": "student"}) == 5 + 1
     assert metric_value(after, "dmft_active_sessions") >= 1
+
+
+# --- clocks at the ends of the calendar ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["9999-12-31T23:59:59Z", "0001-01-01T00:00:00+14:00", "1969-12-31T23:59:59Z", "2200-01-01T00:00:00Z"]
+)
+def test_timestamp_beyond_the_accepted_range_is_422_and_writes_nothing(
+    client: TestClient, recording: Samples, timestamp: str
+) -> None:
+    session_id = new_session_id()
+    chunk = {name: array[:WINDOW].tolist() for name, array in recording.items()}
+    response = post(client, session_id, 0, chunk, timestamp=timestamp)
+    assert_error(response, 422, "invalid_input", mentions=("timestamp", "1970-01-01", "2200-01-01"))
+    assert_error(client.get(f"/v1/sessions/{session_id}"), 404, "session_not_found")
+    answer = append(client, session_id, 0, chunk, timestamp="2199-12-31T23:59:50+01:00")
+    assert [p["window"] for p in answer["predictions"]] == [0]
+
+
+def test_overview_leaves_out_a_session_it_cannot_read_and_serves_the_others(
+    client: TestClient, recording: Samples
+) -> None:
+    # A record dated beyond the calendar, as one written before such clocks were refused.
+    service = client.app.state.sessions
+    broken, healthy = new_session_id(), new_session_id()
+    chunk = {name: array[:WINDOW].astype("<f4").tobytes() for name, array in recording.items()}
+    layout = service.layout_for(list(recording))
+    client.portal.call(
+        lambda: service.store.append(
+            broken, seq=0, model="student", layout=layout, chunk=chunk, now=time.time(), origin=1e12, ttl_seconds=60
+        )
+    )
+    append(client, healthy, 0, {name: array[:WINDOW].tolist() for name, array in recording.items()})
+    response = client.get("/v1/overview", params={"limit": 500})
+    assert response.status_code == 200, response.text
+    listed = {session["session_id"] for session in response.json()["sessions"]}
+    assert healthy in listed and broken not in listed
