@@ -83,6 +83,7 @@ class InferenceEngine:
                 compile=settings.compile_models,
                 threads=settings.torch_threads,
                 max_batch_size=settings.max_batch_size,
+                max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             ),
             queue_size=settings.queue_size,
             queue_timeout_s=settings.queue_timeout_seconds,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -74,10 +75,13 @@ Groups = dict[tuple[int, int], list[tuple[_Work, np.ndarray]]]
 
 
 class InferenceServer:
-    def __init__(self, connection: socket.socket, bundles: list[Bundle], max_batch_size: int) -> None:
+    def __init__(
+        self, connection: socket.socket, bundles: list[Bundle], *, max_batch_size: int, max_batch_delay_s: float
+    ) -> None:
         self.connection = connection
         self.bundles = bundles
         self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
         self.modalities = bundles[0].modalities
         self.classes = len(bundles[0].class_names)
         self.buffer = bytearray()
@@ -90,16 +94,21 @@ class InferenceServer:
                 self.connection.sendall(b"".join(self._round(requests)))
 
     def _receive(self) -> bool:
-        """Wait for data, then take all that is there; False at end of file."""
+        """Wait for data, then take all that is there, and what comes within the batch delay; False at end
+        of file."""
         data = self.connection.recv(RECEIVE_BYTES)
         if not data:
             return False
         self.buffer += data
+        until = time.monotonic() + self.max_batch_delay_s
         while True:
             try:
                 data = self.connection.recv(RECEIVE_BYTES, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return True
+                left = until - time.monotonic()
+                if left <= 0 or not select.select([self.connection], [], [], left)[0]:
+                    return True
+                continue
             if not data:
                 return True  # the next blocking read sees the end
             self.buffer += data
@@ -140,8 +149,8 @@ class InferenceServer:
         for (model, _), members in groups.items():
             names = list(members[0][0].inputs)
             inputs = {name: np.concatenate([work.inputs[name][rows] for work, rows in members]) for name in names}
-            rows = [(work, row) for work, rows in members for row in rows]
-            waiting = [(work, row, position) for position, (work, row) in enumerate(rows)]
+            entries = [(work, row) for work, rows in members for row in rows]
+            waiting = [(work, row, position) for position, (work, row) in enumerate(entries)]
             while waiting:
                 now = time.monotonic()
                 waiting = [entry for entry in waiting if not entry[0].expire_if_late(now)]
@@ -225,7 +234,12 @@ def main(argv: list[str]) -> int:
     bundles = _load(message, connection)
     if bundles is None:
         return 1
-    InferenceServer(connection, bundles, message["max_batch_size"]).serve()
+    InferenceServer(
+        connection,
+        bundles,
+        max_batch_size=message["max_batch_size"],
+        max_batch_delay_s=message["max_batch_delay_s"],
+    ).serve()
     return 0
 
 

@@ -57,6 +57,7 @@ class LoadRequest:
     compile: bool
     threads: int
     max_batch_size: int
+    max_batch_delay_s: float  # how long the first window of a batch waits for others to join it
 
 
 @dataclass
