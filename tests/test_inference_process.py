@@ -207,7 +207,9 @@ def test_killed_api_process_leaves_no_inference_process(tmp_path: Path) -> None:
 
 def test_stopped_service_leaves_no_inference_process(tmp_path: Path) -> None:
     with run_service(tmp_path, workers=2) as server:
-        inference = _inference_processes(server.process.pid)
+        deadline = time.monotonic() + 60  # the service is ready once one worker is; the other may still load
+        while len(inference := _inference_processes(server.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert len(inference) == 2, inference
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(30) == 0
