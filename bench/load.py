@@ -55,6 +55,23 @@ class Run:
     p99: float  # ms
     failed: int  # non-2xx answers
     requests: int
+    api_cpu_us: float = 0.0  # CPU time of the serving processes per request (all workers)
+    inference_cpu_us: float = 0.0  # CPU time of their inference processes per request
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    found = [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    return found + [grandchild for child in found for grandchild in descendants(child)]
+
+
+def is_inference_process(pid: int) -> bool:
+    return b"app.inference.process" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def free_port() -> int:
@@ -63,7 +80,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], env: dict[str, str], port: int, ready: str, stack: ExitStack) -> str:
+@dataclass(frozen=True)
+class Target:
+    url: str
+    pid: int  # the server's process; its CPU time and its descendants' are read
+
+
+def start(command: list[str], env: dict[str, str], port: int, ready: str, stack: ExitStack) -> Target:
     log = tempfile.TemporaryFile()
     stack.callback(log.close)
     process = subprocess.Popen(
@@ -78,7 +101,7 @@ def start(command: list[str], env: dict[str, str], port: int, ready: str, stack:
             raise RuntimeError(f"{command} exited: {log.read().decode(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(url + ready, timeout=1):
-                return url
+                return Target(url, process.pid)
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{command} did not start")
@@ -93,21 +116,25 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, 9)
 
 
-def service(stack: ExitStack, workers: int = 1, **settings: str) -> str:
+def service(stack: ExitStack, workers: int = 1, **settings: str) -> Target:
     port = free_port()
     command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)]
     command += ["--no-access-log", "--log-level", "warning"]
     return start(command, {"OMP_NUM_THREADS": "1", **settings}, port, "/readyz", stack)
 
 
-def bare(stack: ExitStack) -> str:
+def bare(stack: ExitStack) -> Target:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "--app-dir", str(HERE), "bare_app:app", "--port", str(port)]
     command += ["--no-access-log", "--log-level", "warning"]
     return start(command, {}, port, "/docs", stack)
 
 
-def wrk(url: str, script: str, args: list[str], clients: int, seconds: float) -> Run:
+def wrk(target: Target, path: str, script: str, args: list[str], clients: int, seconds: float) -> Run:
+    """``wrk`` against ``target``; with the CPU time of its processes per request."""
+    processes = [target.pid, *descendants(target.pid)]
+    before = [cpu_seconds(pid) for pid in processes]
+    url = target.url + path
     threads = min(2, clients)
     command = ["wrk", f"-t{threads}", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s", str(HERE / script)]
     output = subprocess.run([*command, url, "--", *args], capture_output=True, text=True, check=True).stdout
@@ -117,7 +144,10 @@ def wrk(url: str, script: str, args: list[str], clients: int, seconds: float) ->
     }
     failed = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     total = int(re.search(r"(\d+) requests in", output).group(1))
-    return Run(rate, percentiles[50], percentiles[99], int(failed.group(1)) if failed else 0, total)
+    used = {pid: (cpu_seconds(pid) - start) * 1e6 / total for pid, start in zip(processes, before, strict=True)}
+    inference = sum(cpu for pid, cpu in used.items() if is_inference_process(pid))
+    serving = sum(used.values()) - inference
+    return Run(rate, percentiles[50], percentiles[99], int(failed.group(1)) if failed else 0, total, serving, inference)
 
 
 def windows_per_second(predict: Callable[[], object], batch: int, seconds: float) -> float:
@@ -183,8 +213,8 @@ def main() -> None:
     runs: dict[str, list[Run]] = {}
     reference: dict[str, list[float]] = {"student batch-1 p50 ms": [], "teacher batch-32 windows/s": []}
 
-    def measure(name: str, url: str, script: str, script_args: list[str], clients: int) -> None:
-        runs.setdefault(name, []).append(wrk(url, script, script_args, clients, args.seconds))
+    def measure(name: str, target: Target, path: str, script: str, script_args: list[str], clients: int) -> None:
+        runs.setdefault(name, []).append(wrk(target, path, script, script_args, clients, args.seconds))
 
     with ExitStack() as stack:
         echo = bare(stack)
@@ -195,27 +225,27 @@ def main() -> None:
         post = "wrk_post.lua"
         for url in (echo, batching, single, two_workers):  # warm-up: first requests pay one-time costs
             for model in ("student", "teacher"):
-                wrk(url + "/v1/predict", post, [str(bodies[model])], 4, 1)
+                wrk(url, "/v1/predict", post, [str(bodies[model])], 4, 1)
         for _ in range(20):
             student.predict(one), teacher.predict(thirty_two)
 
         for round_ in range(args.rounds):
             print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr, flush=True)
             for clients in args.clients:
-                measure(f"echo {clients}", echo + "/v1/predict", post, [str(bodies["student"])], clients)
+                measure(f"echo {clients}", echo, "/v1/predict", post, [str(bodies["student"])], clients)
                 for model in ("student", "teacher"):
                     body = [str(bodies[model])]
-                    measure(f"{model} {clients}", batching + "/v1/predict", post, body, clients)
+                    measure(f"{model} {clients}", batching, "/v1/predict", post, body, clients)
             for model in ("student", "teacher"):
-                measure(f"{model} batch-1 64", single + "/v1/predict", post, [str(bodies[model])], 64)
+                measure(f"{model} batch-1 64", single, "/v1/predict", post, [str(bodies[model])], 64)
             packed = [str(bodies["student.msgpack"]), "application/msgpack"]
-            measure("student msgpack 32", batching + "/v1/predict", post, packed, 32)
+            measure("student msgpack 32", batching, "/v1/predict", post, packed, 32)
             for clients in (32, 64):
                 body = [str(bodies["student"])]
-                measure(f"student 2 workers {clients}", two_workers + "/v1/predict", post, body, clients)
+                measure(f"student 2 workers {clients}", two_workers, "/v1/predict", post, body, clients)
             chunk = [str(bodies["chunk"]), str(SESSIONS)]
-            measure("echo chunk 32", echo, "wrk_sessions.lua", [*chunk, f"e{round_}"], 32)
-            measure("ingest 32", batching, "wrk_sessions.lua", [*chunk, f"r{round_}"], 32)
+            measure("echo chunk 32", echo, "", "wrk_sessions.lua", [*chunk, f"e{round_}"], 32)
+            measure("ingest 32", batching, "", "wrk_sessions.lua", [*chunk, f"r{round_}"], 32)
             reference["student batch-1 p50 ms"].append(p50_ms(lambda: student.predict(one), 500))
             reference["teacher batch-32 windows/s"].append(
                 windows_per_second(lambda: teacher.predict(thirty_two), 32, args.seconds)
@@ -244,15 +274,17 @@ def report(runs: dict[str, list[Run]], reference: dict[str, list[float]], args: 
         return lambda i: getattr(runs[name][i], q)
 
     print(f"\n{args.seconds:g} s per measurement, medians of {rounds} alternating rounds\n")
-    print("| measurement | req/s | p50 ms | p99 ms | non-2xx |")
-    print("|---|---:|---:|---:|---:|")
+    print("| measurement | req/s | p50 ms | p99 ms | non-2xx | serving CPU µs/req | inference CPU µs/req |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, measured in runs.items():
+        inference = median([r.inference_cpu_us for r in measured])
         print(
             f"| {name} | {median([r.rps for r in measured]):.0f} | {median([r.p50 for r in measured]):.2f} | "
-            f"{median([r.p99 for r in measured]):.2f} | {sum(r.failed for r in measured)} |"
+            f"{median([r.p99 for r in measured]):.2f} | {sum(r.failed for r in measured)} | "
+            f"{median([r.api_cpu_us for r in measured]):.0f} | {f'{inference:.0f}' if inference else ''} |"
         )
     for name, values in reference.items():
-        print(f"| Bundle.predict: {name} | {median(values):.1f} | | | |")
+        print(f"| Bundle.predict: {name} | {median(values):.1f} | | | | | |")
 
     student_ms = reference["student batch-1 p50 ms"]
     teacher_wps = reference["teacher batch-32 windows/s"]
