@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -35,7 +35,7 @@ SAMPLE_DTYPE = np.dtype("<f4")
 EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST_TIMESTAMP = datetime(2200, 1, 1, tzinfo=UTC)
 
-Window = dict[str, np.ndarray]  # modality -> (T, C) float32
+WindowArrays = dict[str, np.ndarray]  # modality -> (T, C) float32, checked
 
 
 class BodyFormat(Enum):
@@ -66,7 +66,7 @@ class InputSpec:
 @dataclass(frozen=True)
 class WindowsRequest:
     model: str
-    windows: list[Window]
+    windows: list[WindowArrays]
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Chunk:
     seq: int
     model: str
     timestamp: datetime | None
-    samples: Window  # modality -> (N, C), any N >= 1
+    samples: WindowArrays  # modality -> (N, C), any N >= 1
 
 
 # --- the shapes a body must have, for msgspec --------------------------------------------------
@@ -131,7 +131,7 @@ class _PackedChunk(msgspec.Struct):
 
 
 S = TypeVar("S")
-_DECODERS: dict[tuple[BodyFormat, type], Any] = {}
+_DECODERS: dict[tuple[BodyFormat, type], msgspec.json.Decoder | msgspec.msgpack.Decoder] = {}
 
 
 def _decode(body: bytes, fmt: BodyFormat, shape: type[S]) -> S:
@@ -270,7 +270,7 @@ def _walk_chunk(body: Any, packed: bool) -> None:
         raise _problem("timestamp", "must be an ISO 8601 date and time with a zone")
 
 
-_WALKS: dict[type, Any] = {
+_WALKS: dict[type, Callable[[Any], None]] = {
     _JsonWindow: lambda tree: _walk_window(tree, False),
     _JsonBatch: lambda tree: _walk_batch(tree, False),
     _JsonChunk: lambda tree: _walk_chunk(tree, False),
@@ -319,13 +319,13 @@ def _samples(name: str, samples: Rows | Packed, spec: InputSpec) -> np.ndarray:
     return array.astype(SAMPLE_DTYPE, copy=False)
 
 
-def _arrays(modalities: dict[str, Rows] | dict[str, Packed], spec: InputSpec) -> Window:
+def _arrays(modalities: dict[str, Rows] | dict[str, Packed], spec: InputSpec) -> WindowArrays:
     if not modalities:
         raise _problem("modalities", "must hold at least 1 modality")
     return {name: _samples(name, samples, spec) for name, samples in modalities.items()}
 
 
-def _window(modalities: dict[str, Rows] | dict[str, Packed], spec: InputSpec) -> Window:
+def _window(modalities: dict[str, Rows] | dict[str, Packed], spec: InputSpec) -> WindowArrays:
     window = _arrays(modalities, spec)
     for name, array in window.items():
         expected, modality = spec.window_samples[name], spec.modalities[name]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from app.decoding import InputSpec, Window
+from app.decoding import InputSpec, WindowArrays
 from app.exceptions import InvalidInput, QueueTimeout
 from app.inference.protocol import NO_FALLBACK, Outcome, Result
 from app.inference.supervisor import InferenceSupervisor, LoadRequest
@@ -124,7 +124,7 @@ class InferenceEngine:
             self.specs, reference.window_samples, reference.window_seconds, self.settings.max_sample_magnitude
         )
 
-    async def predict_windows(self, windows: list[Window], model: str) -> list[Answer]:
+    async def predict_windows(self, windows: list[WindowArrays], model: str) -> list[Answer]:
         """Probabilities for each window, in order; the cascade asks the teacher only where the student is unsure."""
         first, fallback = ("student", "teacher") if model == "cascade" else (model, None)
         groups: dict[int, list[int]] = {}
@@ -140,11 +140,13 @@ class InferenceEngine:
                 answers[index] = Answer(result.probabilities[position], MODEL_NAMES[result.models[position]])
         return [answers[index] for index in range(len(windows))]
 
-    def _mask(self, window: Window) -> int:
+    def _mask(self, window: WindowArrays) -> int:
         """Bit i set: the window holds modality i (model order)."""
         return sum(1 << position for position, name in enumerate(self.specs) if name in window)
 
-    def _submit(self, first: str, fallback: str | None, mask: int, windows: list[Window]) -> asyncio.Future[Result]:
+    def _submit(
+        self, first: str, fallback: str | None, mask: int, windows: list[WindowArrays]
+    ) -> asyncio.Future[Result]:
         names = [name for position, name in enumerate(self.specs) if mask & (1 << position)]
         return self.supervisor.submit(
             MODEL_NAMES.index(first),

@@ -8,8 +8,8 @@ names too. Messages never carry internal addresses or exception class names: tho
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import re
 import secrets
 from contextvars import ContextVar, Token

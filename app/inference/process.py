@@ -224,8 +224,10 @@ def _load(message: dict, connection: socket.socket) -> list[Bundle] | None:
 def main(argv: list[str]) -> int:
     fd, parent_pid = int(argv[0]), int(argv[1])
     _die_with_parent(parent_pid)
-    # The API process stops this one by closing the socket; a Ctrl-C meant for the server is not for it.
+    # The API process stops this one by closing its socket once the requests in flight are answered:
+    # a Ctrl-C or SIGTERM sent to the whole process group is the server's to handle, not this one's.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     inference process %(process)d: %(message)s")
     connection = socket.socket(fileno=fd)
     message = _receive_load(connection)
