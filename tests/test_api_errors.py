@@ -282,3 +282,10 @@ def test_msgpack_window_problems_are_named_as_in_json(
 def test_msgpack_that_is_not_msgpack_is_422(client: TestClient) -> None:
     response = client.post("/v1/predict", content=b"\xc1\xc1", headers={"content-type": "application/msgpack"})
     assert_error(response, 422, "invalid_input", mentions=("MessagePack",))
+
+
+def test_one_wording_for_an_unknown_session_whatever_the_method(client: TestClient) -> None:
+    read = assert_error(client.get("/v1/sessions/never-seen"), 404, "session_not_found", mentions=("never-seen",))
+    ended = assert_error(client.delete("/v1/sessions/never-seen"), 404, "session_not_found")
+    history = assert_error(client.get("/v1/sessions/never-seen/history"), 404, "session_not_found")
+    assert read["message"] == ended["message"] == history["message"]
