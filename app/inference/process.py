@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,8 @@ class _Work:
     started: float = 0.0  # when its first forward pass began (monotonic); 0 before
     expired: bool = False  # its deadline passed before any of its windows went through the network
     failure: str | None = None  # a forward pass over its windows raised this
+    rows_left: int = 0  # windows of the current step (first model, then fallback) not yet through the network
+    answered: bool = False
 
     def expire_if_late(self, now: float) -> bool:
         deadline = self.request.deadline
@@ -91,7 +94,7 @@ class InferenceServer:
         while self._receive():
             requests = [read_predict(body) for kind, body in split_frames(self.buffer) if kind is Kind.PREDICT]
             if requests:
-                self.connection.sendall(b"".join(self._round(requests)))
+                self._round(requests)
 
     def _receive(self) -> bool:
         """Wait for data, then take all that is there, and what comes within the batch delay; False at end
@@ -113,20 +116,28 @@ class InferenceServer:
                 return True  # the next blocking read sees the end
             self.buffer += data
 
-    def _round(self, requests: list[PredictRequest]) -> list[bytes]:
+    def _round(self, requests: list[PredictRequest]) -> None:
+        """The round's passes; each request is answered as soon as its last window is through, so the API
+        process answers those while the next pass runs."""
         work = [self._work(request) for request in requests]
         groups: Groups = defaultdict(list)
         for item in work:
+            item.rows_left = item.request.windows
             groups[(item.request.model, item.request.mask)].append((item, np.arange(item.request.windows)))
-        records = self._passes(groups)
         unsure: Groups = defaultdict(list)
-        for item in work:
-            if item.request.fallback != NO_FALLBACK and item.started and item.failure is None:
+
+        def first_step_done(item: _Work) -> bytes | None:
+            """The answer of a request its first model settled; None when the fallback model has a say."""
+            if item.request.fallback != NO_FALLBACK and not item.expired and item.failure is None:
                 rows = np.flatnonzero(item.probabilities.max(axis=1) < item.request.threshold)
                 if len(rows):
+                    item.rows_left = len(rows)
                     unsure[(item.request.fallback, item.request.mask)].append((item, rows))
-        records += self._passes(unsure)
-        return records + [self._answer(item) for item in work]
+                    return None
+            return self._answer(item)
+
+        self._passes(groups, first_step_done)
+        self._passes(unsure, self._answer)
 
     def _work(self, request: PredictRequest) -> _Work:
         inputs, offset = {}, 0
@@ -139,13 +150,13 @@ class InferenceServer:
         models = np.full(request.windows, request.model, np.uint8)
         return _Work(request, inputs, models, np.zeros((request.windows, self.classes), np.float32))
 
-    def _passes(self, groups: Groups) -> list[bytes]:
-        """Forward passes over each group's windows, ``max_batch_size`` at a time; their ``PASS`` records.
+    def _passes(self, groups: Groups, done: Callable[[_Work], bytes | None]) -> None:
+        """Forward passes over each group's windows, ``max_batch_size`` at a time. After each, its ``PASS``
+        record and the answers (from ``done``) of the requests it finished are sent.
 
         Before each pass, requests that have not started and whose deadline passed are dropped: the
         deadline bounds the wait for the network, also for work that arrived in this round.
         """
-        records = []
         for (model, _), members in groups.items():
             names = list(members[0][0].inputs)
             inputs = {name: np.concatenate([work.inputs[name][rows] for work, rows in members]) for name in names}
@@ -153,11 +164,19 @@ class InferenceServer:
             waiting = [(work, row, position) for position, (work, row) in enumerate(entries)]
             while waiting:
                 now = time.monotonic()
-                waiting = [entry for entry in waiting if not entry[0].expire_if_late(now)]
+                late = {id(work): work for work, _, _ in waiting if work.expire_if_late(now) or work.failure}
+                waiting = [entry for entry in waiting if id(entry[0]) not in late]
                 batch, waiting = waiting[: self.max_batch_size], waiting[self.max_batch_size :]
-                if batch:
-                    records += self._pass(model, batch, inputs)
-        return records
+                frames = self._pass(model, batch, inputs) if batch else []
+                for work, _, _ in batch:
+                    work.rows_left -= 1
+                finished = list(late.values()) + [work for work, _, _ in batch if work.rows_left == 0 or work.failure]
+                for work in finished:
+                    if not work.answered and (answer := done(work)) is not None:
+                        work.answered = True
+                        frames.append(answer)
+                if frames:
+                    self.connection.sendall(b"".join(frames))
 
     def _pass(self, model: int, batch: list[tuple[_Work, int, int]], inputs: dict[str, np.ndarray]) -> list[bytes]:
         positions = [position for _, _, position in batch]
