@@ -123,13 +123,8 @@ def test_subscribe_before_the_session_starts(server: Server, watch_data: WatchDa
         answers = [send(client, "early", seq, chunk) for seq, chunk in enumerate(pieces(watch_data, 3))]
         windows = [p["window"] for answer in answers for p in answer["predictions"]]
         assert windows == [0, 1, 2, 3, 4]
-        predictions = []
-        while len(predictions) < len(windows):  # a transition confirmed by a window follows its prediction
-            event = next_event(events)
-            assert event is not None and event.type in ("prediction", "transition"), event
-            if event.type == "prediction":
-                predictions.append(event.data["window"])
-        assert predictions == windows
+        seen = [next_event(events) for _ in windows]
+        assert [(e.type, e.data["window"]) for e in seen if e is not None] == [("prediction", w) for w in windows]
         assert client.delete("/v1/sessions/early").status_code == 204
         end = next_event(events)
         assert end is not None and (end.type, end.data["session_id"]) == ("end", "early")

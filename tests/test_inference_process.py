@@ -163,8 +163,16 @@ def _computed_windows() -> float:
 def test_queue_deadline_answers_503_with_retry_after(watch_data: WatchData) -> None:
     settings = memory_settings(queue_timeout_seconds=0.001, retry_after_seconds=2, max_batch_size=64)
     windows = [{"modalities": watch_data.window(int(i))} for i in watch_data.test[:64]]
-    with TestClient(create_app(settings)) as client:
-        answers = [client.post("/v1/predict/batch", json={"windows": windows, "model": "teacher"}) for _ in range(6)]
+    app = create_app(settings)
+
+    async def burst() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                body = {"windows": windows, "model": "teacher"}
+                return list(await asyncio.gather(*(client.post("/v1/predict/batch", json=body) for _ in range(6))))
+
+    answers = asyncio.run(burst())
     refused = [answer for answer in answers if answer.status_code == 503]
     assert refused, [answer.status_code for answer in answers]
     for answer in refused:
