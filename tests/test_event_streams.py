@@ -210,7 +210,7 @@ async def churn_while_streaming(base: str, rows: list[dict], *, clients: int, se
     return problems
 
 
-@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("store", ["memory", "redis"])  # the cluster's subscriptions: test_cluster_failover.py
 def test_event_stream_clients_coming_and_going_leave_the_service_working(
     store: str, tmp_path: Path, request: pytest.FixtureRequest, watch_data: WatchData
 ) -> None:
