@@ -1,4 +1,6 @@
-"""A Redis Cluster resharding under a streaming session: its shard's slot moves to another master and back.
+"""A Redis Cluster resharding under a streaming session, and a cluster that goes down and comes back.
+
+Resharding: the session's shard's slot moves to another master and back.
 
 ``dmft serve`` (two workers) streams a recording into a session of a three-master cluster of
 the test's own, through the typed client, which retries 503 by ``seq``; a second client follows
@@ -16,15 +18,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from redis.crc import key_slot
 
 from app.client import ActivityClient, PredictionEvent, RetryPolicy
+from app.main import create_app
+from app.settings import Settings
 from app.store.shards import shard_of, shard_tags
 from tools.redis_cluster import RedisClusterProcesses, free_node_ports, run_redis_cluster
 from tools.stack import Server, run_service
 from tools.traffic import MODALITIES, WatchData
 
-from .service_fixtures import HOP, WINDOW, metric_value, parse_metrics
+from .service_fixtures import HOP, WINDOW, assert_error, metric_value, parse_metrics
 
 SESSION = "resharded"
 CHUNK = 25  # half a second of samples: many requests while the slot moves
@@ -117,3 +122,32 @@ def test_session_streams_through_a_resharding_without_losing_or_doubling_a_windo
     for status in ("500", "502", "504"):
         assert metric_value(samples_after, "dmft_request_duration_seconds_count", {"status": status}) == 0
     print(f"answers during the resharding: {statuses.count(503)} x 503 of {len(statuses)}")
+
+
+def test_a_cluster_down_answers_503_and_the_service_recovers_when_it_returns(
+    cluster: RedisClusterProcesses, watch_data: WatchData
+) -> None:
+    """Every master stops, and starts again (its data lost: no persistence here): 503 meanwhile, then the service
+    goes on without being restarted."""
+    samples = watch_data.recording_samples(watch_data.held_out_recordings()[0])
+    chunk = {"seq": 0, "modalities": {name: samples[name][:WINDOW].tolist() for name in MODALITIES}}
+    settings = Settings(redis_url=cluster.url, redis_prefix="restarted", compile_models=False)
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/sessions/before/samples", json=chunk).status_code == 200
+        cluster.stop()
+        for response in (
+            client.post("/v1/sessions/during/samples", json=chunk),
+            client.get("/v1/sessions/before"),
+            client.get("/v1/overview"),
+        ):
+            assert_error(response, 503, "store_unavailable")
+        assert client.get("/readyz").status_code == 503
+        cluster.start()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the service did not find the cluster again within 30 s"
+            time.sleep(0.2)
+        answer = client.post("/v1/sessions/after/samples", json=chunk)
+        assert answer.status_code == 200, answer.text
+        assert [p["window"] for p in answer.json()["predictions"]] == [0]
+        assert client.get("/v1/overview").json()["active_sessions"] == 1

@@ -19,8 +19,8 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -72,11 +72,49 @@ def sync_client(url: str) -> redis.Redis | RedisCluster:
 @dataclass
 class RedisClusterProcesses:
     ports: list[int]
-    processes: list[subprocess.Popen[bytes]]
+    workdir: Path
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    created: bool = False
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"{HOST}:{port}" for port in self.ports)
+
+    def start(self) -> None:
+        """Start every node that is not running, and wait until they answer; once the cluster was created, until
+        it is whole again (a node started again finds its cluster in its nodes.conf)."""
+        for port in self.ports:
+            if port not in self.processes:
+                node_dir = self.workdir / str(port)
+                node_dir.mkdir(parents=True, exist_ok=True)
+                command = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                           "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                           "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--dir", str(node_dir)]  # fmt: skip
+                self.processes[port] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        _wait(self._nodes_answer, "start")
+        if self.created:
+            _wait(lambda: _cluster_ok(self.ports), "become whole again")
+
+    def create(self) -> None:
+        """Join the nodes into a cluster, the slots split evenly, as ``redis-cli --cluster create`` does."""
+        command = ["redis-cli", "--cluster", "create", *(f"{HOST}:{port}" for port in self.ports), "--cluster-yes"]
+        subprocess.run(command, check=True, capture_output=True, timeout=READY_TIMEOUT_S)
+        _wait(lambda: _cluster_ok(self.ports), "become whole")
+        self.created = True
+
+    def stop(self) -> None:
+        """Stop every node; its data goes with it (no persistence), its place in the cluster stays in nodes.conf."""
+        while self.processes:
+            _stop(self.processes.popitem()[1])
+
+    def _nodes_answer(self) -> bool:
+        for port in self.ports:
+            try:
+                with self.node(port) as client:
+                    client.ping()
+            except (redis.RedisError, OSError):
+                return False
+        return True
 
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host=HOST, port=port, socket_connect_timeout=1.0, socket_timeout=10.0)
@@ -142,34 +180,13 @@ def run_redis_cluster(workdir: Path, ports: list[int]) -> Iterator[RedisClusterP
     for tool in ("redis-server", "redis-cli"):
         if shutil.which(tool) is None:
             raise FileNotFoundError(f"{tool} is not installed (Debian package redis-server)")
-    workdir.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        processes = []
-        for port in ports:
-            node_dir = workdir / str(port)
-            node_dir.mkdir(exist_ok=True)
-            command = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                       "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                       "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--dir", str(node_dir)]  # fmt: skip
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            stack.callback(_stop, process)
-            processes.append(process)
-        cluster = RedisClusterProcesses(list(ports), processes)
-
-        def nodes_answer() -> bool:
-            for port in ports:
-                try:
-                    with cluster.node(port) as client:
-                        client.ping()
-                except (redis.RedisError, OSError):
-                    return False
-            return True
-
-        _wait(nodes_answer, "start")
-        create = ["redis-cli", "--cluster", "create", *(f"{HOST}:{port}" for port in ports), "--cluster-yes"]
-        subprocess.run(create, check=True, capture_output=True, timeout=READY_TIMEOUT_S)
-        _wait(lambda: _cluster_ok(ports), "become whole")
+    cluster = RedisClusterProcesses(list(ports), workdir)
+    try:
+        cluster.start()
+        cluster.create()
         yield cluster
+    finally:
+        cluster.stop()
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

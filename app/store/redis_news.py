@@ -98,7 +98,9 @@ class RedisNews:
         try:
             pubsub = await self._connected()
             await pubsub.ssubscribe(channel)
-        except (*self._outage, RedisError) as error:
+        except Exception as error:  # whatever it is, the readers waiting for the confirmation hear of it
+            if not isinstance(error, (*self._outage, RedisError)):
+                log.exception("subscribing to %s failed", channel)
             self._forget(channel, confirmed)
             if not confirmed.done():
                 confirmed.set_exception(StoreUnavailable(str(error)))
@@ -161,9 +163,11 @@ class RedisNews:
         while True:
             try:
                 message = await self._next_message(pubsub)
-            except (*self._outage, RedisError) as error:
+            except Exception as error:  # a bug as well must not end the news for good
                 # A connection lost, or a subscription answered from a node that no longer holds its slot.
-                if not self._reconnecting:
+                if not isinstance(error, (*self._outage, RedisError)):
+                    log.exception("session news failed")
+                elif not self._reconnecting:
                     log.warning("session news interrupted: %s", error)
                 self._reconnecting = True
                 self._leaving.clear()  # the connection took the subscriptions, and their confirmations

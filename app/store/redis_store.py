@@ -41,7 +41,7 @@ from typing import Any
 
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
-from redis.exceptions import AskError, ClusterError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -73,7 +73,8 @@ SCRIPTS = Path(__file__).parent
 APPEND_SCRIPT = (SCRIPTS / "windows.lua").read_text() + (SCRIPTS / "append.lua").read_text()
 COMMIT_SCRIPT = (SCRIPTS / "windows.lua").read_text() + (SCRIPTS / "commit.lua").read_text()
 # Redis unreachable or too slow, and a cluster between two owners of a slot (failing over, resharding): each
-# answered 503, and a retry succeeds once the cluster has settled.
+# answered 503, and a retry succeeds once the cluster has settled. redis-py's cluster client says that no node
+# answers, or that a slot has no owner, with RedisClusterException (SlotNotCoveredError).
 OUTAGE = (
     RedisConnectionError,
     RedisTimeoutError,
@@ -81,7 +82,7 @@ OUTAGE = (
     ClusterError,
     TryAgainError,
     AskError,
-    SlotNotCoveredError,
+    RedisClusterException,
 )
 EVENT_PAGE = 500  # events read at once
 EXPIRY_MARGIN_SECONDS = 0.05  # a reader waiting for a session's expiry looks this long after it is due
