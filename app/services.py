@@ -36,6 +36,7 @@ def build_store(settings: Settings) -> SessionStore:
         return RedisStore(
             settings.redis_url,
             prefix=settings.redis_prefix,
+            shards=settings.redis_shards,
             max_connections=settings.redis_max_connections,
             pool_timeout_seconds=settings.redis_pool_timeout_seconds,
         )

@@ -24,10 +24,20 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "DMFT_REDIS_URL"),
-        description="Redis for session buffers; unset keeps sessions in this process.",
+        description="Redis for session buffers (redis+cluster://host:port,... for a cluster); unset keeps sessions "
+        "in this process.",
     )
     redis_prefix: str = Field(default="dmft", description="Prefix of every Redis key.")
-    redis_max_connections: int = Field(default=50, ge=1, description="Connections to Redis per process at most.")
+    redis_shards: int = Field(
+        default=16,
+        ge=1,
+        le=16384,
+        description="Parts of the session index and webhook outbox, each in one cluster slot; fixed for the life of "
+        "the data under the prefix.",
+    )
+    redis_max_connections: int = Field(
+        default=50, ge=1, description="Connections to Redis per process (per node of a cluster) at most."
+    )
     redis_pool_timeout_seconds: float = Field(
         default=5.0, gt=0, description="How long a request waits for a free Redis connection before 503."
     )

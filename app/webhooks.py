@@ -100,7 +100,7 @@ class WebhookDispatcher:
                 cursor = await self._hold(key)
                 for entry in await self.store.read_outbox(cursor, limit=OUTBOX_BATCH, wait_seconds=1.0):
                     await self._deliver(target, key, entry)
-                    if not await self.store.advance_delivery(key, self.owner, entry.id):
+                    if not await self.store.advance_delivery(key, self.owner, entry.position):
                         break
             except _LostLease:
                 await asyncio.sleep(self.settings.webhook_lease_seconds / 3)  # to take over if its holder dies

@@ -22,12 +22,18 @@ from model.config import DMFTConfig, ModalitySpec
 from model.data import WindowDataset, save_npz
 from model.dmft import DMFT
 
-# Fixtures of the HTTP service tests (the real test Redis, the real watch data, headless Chromium,
-# the project installed as a user installs it) and of the ONNX exports.
+# Fixtures of the HTTP service tests (the real test Redis and Redis Cluster, the real watch data, headless
+# Chromium, the project installed as a user installs it) and of the ONNX exports.
 from .browser_fixtures import page  # noqa: F401
 from .export_fixtures import shipped_exports, tiny_export  # noqa: F401
 from .install_fixtures import installed  # noqa: F401
-from .redis_fixtures import module_redis_target, redis_target  # noqa: F401
+from .redis_fixtures import (  # noqa: F401
+    cluster_target,
+    module_cluster_target,
+    module_redis_target,
+    redis_cluster_url,
+    redis_target,
+)
 from .service_fixtures import no_server_errors, watch_data  # noqa: F401
 
 # Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine idle

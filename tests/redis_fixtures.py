@@ -1,8 +1,11 @@
-"""The real Redis the store and API tests run against, one unique key prefix per test (or module).
+"""The real Redis and Redis Cluster the store and API tests run against, one unique key prefix per test (or module).
 
-``REDIS_TEST_URL`` names it (default: database 15 of a local server). Every fixture here
-deletes its prefix's keys afterwards (SCAN + DEL) and closes its connections. Where Redis
-cannot be reached the tests skip, except on CI (``CI=true``), where that is a failure.
+``REDIS_TEST_URL`` names the Redis (default: database 15 of a local server).
+``REDIS_CLUSTER_TEST_URL`` names the cluster (``.ci/run`` starts one, three masters on
+127.0.0.1:7101-7103); without it the test session starts a three-master cluster of its own
+from ``redis-server``. Every fixture here deletes its prefix's keys afterwards (SCAN + DEL)
+and closes its connections. Where Redis cannot be reached the tests skip, except on CI
+(``CI=true``), where that is a failure.
 """
 
 from __future__ import annotations
@@ -15,28 +18,35 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
 from redis.exceptions import RedisError
 
 from app.settings import Settings
+from tools.redis_cluster import free_node_ports, run_redis_cluster, sync_client
 from tools.stack import free_port, redis_prefix
 
 REDIS_TEST_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/15")
+REDIS_CLUSTER_TEST_URL = os.environ.get("REDIS_CLUSTER_TEST_URL")
+CLUSTER_MASTERS = 3
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip, except on CI, where a missing service is a failure."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 def require_redis(url: str = REDIS_TEST_URL) -> None:
     """Skip (fail on CI) unless Redis answers at ``url``."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    client = sync_client(url)
     try:
         client.ping()
     except (RedisError, OSError) as error:
-        reason = f"Redis at {url} is unreachable ({error}); set REDIS_TEST_URL or start redis-server"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail(f"Redis at {url} is unreachable ({error}); set REDIS_TEST_URL or start redis-server")
     finally:
         client.close()
 
@@ -53,8 +63,8 @@ class RedisTarget:
         return Settings(**{"redis_url": self.url, "redis_prefix": self.prefix, "compile_models": False, **overrides})
 
     @contextmanager
-    def client(self) -> Iterator[redis.Redis]:
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    def client(self) -> Iterator[redis.Redis | redis.RedisCluster]:
+        client = sync_client(self.url)
         try:
             yield client
         finally:
@@ -87,14 +97,39 @@ def module_redis_target() -> Iterator[RedisTarget]:
         yield target
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The test Redis Cluster's URL: ``REDIS_CLUSTER_TEST_URL``, else a cluster of this test session's own."""
+    if REDIS_CLUSTER_TEST_URL:
+        require_redis(REDIS_CLUSTER_TEST_URL)
+        yield REDIS_CLUSTER_TEST_URL
+        return
+    try:
+        with run_redis_cluster(tmp_path_factory.mktemp("cluster"), free_node_ports(CLUSTER_MASTERS)) as cluster:
+            yield cluster.url
+    except FileNotFoundError as error:
+        skip_or_fail(f"no Redis Cluster for the tests: {error}")
+
+
+@pytest.fixture
+def cluster_target(redis_cluster_url: str) -> Iterator[RedisTarget]:
+    """A unique prefix on the test Redis Cluster for one test; its keys are deleted afterwards."""
+    with redis_target_scope(redis_cluster_url) as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def module_cluster_target(redis_cluster_url: str) -> Iterator[RedisTarget]:
+    """A unique prefix on the test Redis Cluster shared by one module's tests."""
+    with redis_target_scope(redis_cluster_url) as target:
+        yield target
+
+
 def redis_server_command(port: int, workdir: Path, *options: str) -> list[str]:
     """Debian's ``redis-server`` on loopback ``port``, without persistence, its files in ``workdir``."""
     executable = shutil.which("redis-server")
     if executable is None:
-        reason = "redis-server is not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        skip_or_fail("redis-server is not installed")
     workdir.mkdir(parents=True, exist_ok=True)
     return [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(workdir), *options]  # fmt: skip

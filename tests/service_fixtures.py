@@ -38,13 +38,14 @@ def memory_settings(**overrides: Any) -> Settings:
     return Settings(**{"redis_url": None, "compile_models": False, **overrides})
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"], name="client")
+@pytest.fixture(scope="module", params=["memory", "redis", "cluster"], name="client")
 def client_on_each_store(request: pytest.FixtureRequest) -> Iterator[TestClient]:
-    """``client``: the app once per session store, for a module; Redis under a prefix of the module's own."""
+    """``client``: the app once per session store, for a module; Redis and the Redis Cluster under a prefix of the
+    module's own."""
     if request.param == "memory":
         settings = memory_settings()
     else:
-        target: RedisTarget = request.getfixturevalue("module_redis_target")
+        target: RedisTarget = request.getfixturevalue(f"module_{request.param}_target")
         settings = target.settings()
     with TestClient(create_app(settings)) as client:
         yield client

@@ -7,7 +7,9 @@ import asyncio
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.settings import Settings
 from app.store.memory import MemoryStore
+from tools.redis_cluster import free_node_ports
 from tools.traffic import MODALITIES, WatchData
 
 from .service_fixtures import assert_error, memory_settings
@@ -45,3 +47,18 @@ def test_readiness_fails_when_the_store_does_not_answer() -> None:
         assert ready.status_code == 503
         assert ready.json()["checks"]["store"].startswith("no answer within")
         assert client.get("/healthz").status_code == 200
+
+
+def test_an_unreachable_redis_cluster_answers_503_not_500(watch_data: WatchData) -> None:
+    """redis-py's cluster client says that no node answers with an exception of its own: an outage all the same."""
+    ports = free_node_ports(2)
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in ports)
+    settings = Settings(redis_url=url, redis_prefix="unreachable", compile_models=False)
+    with TestClient(create_app(settings)) as client:
+        assert_error(client.post("/v1/sessions/a/samples", json=first_chunk(watch_data)), 503, "store_unavailable")
+        assert_error(client.get("/v1/sessions/a"), 503, "store_unavailable")
+        assert_error(client.get("/v1/overview"), 503, "store_unavailable")
+        assert_error(client.get("/v1/sessions/a/events"), 503, "store_unavailable")
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["store"].startswith("unreachable")

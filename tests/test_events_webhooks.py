@@ -1,4 +1,5 @@
-"""Server-sent events and webhooks over real HTTP: ``dmft serve`` with two workers on the real Redis.
+"""Server-sent events and webhooks over real HTTP: ``dmft serve`` with two workers on the real Redis, and on the
+real Redis Cluster.
 
 The event stream is read by a real HTTP client, dropped mid-session and resumed with
 ``Last-Event-ID``. Webhooks go to a real HTTP server on loopback that checks every
@@ -88,9 +89,18 @@ def send(client: httpx.Client, session_id: str, seq: int, chunk: dict) -> dict:
     return response.json()
 
 
+REDIS_TARGETS = {"redis": "redis_target", "cluster": "cluster_target"}
+
+
+@pytest.fixture(params=list(REDIS_TARGETS))
+def any_redis(request: pytest.FixtureRequest) -> RedisTarget:
+    """A prefix on the test Redis, then on the test Redis Cluster."""
+    return request.getfixturevalue(REDIS_TARGETS[request.param])
+
+
 @pytest.fixture
-def server(redis_target: RedisTarget, tmp_path: Path) -> Iterator[Server]:
-    with run_service(tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix, workers=2) as running:
+def server(any_redis: RedisTarget, tmp_path: Path) -> Iterator[Server]:
+    with run_service(tmp_path, redis_url=any_redis.url, redis_prefix=any_redis.prefix, workers=2) as running:
         yield running
 
 
@@ -145,7 +155,7 @@ def wait_for(condition: object, what: str) -> None:
 
 
 def test_webhooks_deliver_every_transition_once_in_order_across_an_outage(
-    redis_target: RedisTarget, tmp_path: Path, exercises: dict[str, np.ndarray]
+    any_redis: RedisTarget, tmp_path: Path, exercises: dict[str, np.ndarray]
 ) -> None:
     receiver = Receiver(free_port())
     receiver.start()
@@ -156,9 +166,7 @@ def test_webhooks_deliver_every_transition_once_in_order_across_an_outage(
     }
     try:
         with (
-            run_service(
-                tmp_path, redis_url=redis_target.url, redis_prefix=redis_target.prefix, workers=2, env=env
-            ) as server,
+            run_service(tmp_path, redis_url=any_redis.url, redis_prefix=any_redis.prefix, workers=2, env=env) as server,
             httpx.Client(base_url=server.base, timeout=30, trust_env=False) as client,
         ):
             pieces = chunks(exercises)

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+from redis.crc import key_slot
 
 from app.store import (
     AppendResult,
@@ -41,6 +42,7 @@ from app.store import (
 )
 from app.store.memory import MemoryStore
 from app.store.redis_store import RedisStore
+from app.store.shards import shard_of, shard_tags
 
 from .redis_fixtures import RedisTarget
 
@@ -61,17 +63,26 @@ TWO_RATES = StreamLayout(modalities=("fast", "slow"), channels=(3, 1), window=(4
 SMALL = StreamLayout(modalities=("a",), channels=(1,), window=(4,), hop=(2,), max_buffer=(10,))
 
 
-@pytest.fixture(params=["memory", "redis"])
+REDIS_TARGETS = {"redis": "redis_target", "cluster": "cluster_target"}  # the prefix fixture of each kind of Redis
+SHARDS = 16
+
+
+@pytest.fixture(params=["memory", *REDIS_TARGETS])
 def make_store(request: pytest.FixtureRequest) -> StoreFactory:
     """Makes a fresh store of the parametrised kind (call it inside the event loop that uses it)."""
     if request.param == "memory":
         return MemoryStore
-    target: RedisTarget = request.getfixturevalue("redis_target")
-    return lambda: RedisStore(target.url, prefix=target.prefix)
+    return redis_store(request.getfixturevalue(REDIS_TARGETS[request.param]))
+
+
+@pytest.fixture(params=list(REDIS_TARGETS))
+def any_redis(request: pytest.FixtureRequest) -> RedisTarget:
+    """A prefix on the test Redis, then on the test Redis Cluster."""
+    return request.getfixturevalue(REDIS_TARGETS[request.param])
 
 
 def redis_store(target: RedisTarget) -> StoreFactory:
-    return lambda: RedisStore(target.url, prefix=target.prefix)
+    return lambda: RedisStore(target.url, prefix=target.prefix, shards=SHARDS)
 
 
 def run(make_store: StoreFactory, scenario: Scenario[T]) -> T:
@@ -631,19 +642,7 @@ def test_refused_first_chunk_creates_no_session(make_store: StoreFactory, kind: 
 
 
 @pytest.mark.parametrize("kind", list(REFUSED_FIRST_CHUNKS))
-def test_redis_refused_first_chunk_writes_no_session_key(redis_target: RedisTarget, kind: str) -> None:
-    seq, chunk, error = REFUSED_FIRST_CHUNKS[kind]
-
-    async def scenario(store: SessionStore) -> None:
-        with pytest.raises(error):
-            await append(store, seq, chunk, layout=SMALL)
-
-    run(redis_store(redis_target), scenario)
-    assert [key for key in redis_target.keys() if key != f"{redis_target.prefix}:sessions"] == []
-
-
-@pytest.mark.parametrize("kind", list(REFUSED_FIRST_CHUNKS))
-def test_redis_refused_first_chunk_writes_no_key_and_counts_no_session(redis_target: RedisTarget, kind: str) -> None:
+def test_redis_refused_first_chunk_writes_no_key_and_counts_no_session(any_redis: RedisTarget, kind: str) -> None:
     seq, chunk, error = REFUSED_FIRST_CHUNKS[kind]
 
     async def scenario(store: SessionStore) -> int:
@@ -651,8 +650,8 @@ def test_redis_refused_first_chunk_writes_no_key_and_counts_no_session(redis_tar
             await append(store, seq, chunk, layout=SMALL)
         return await store.active_sessions(now=time.time(), ttl_seconds=TTL)
 
-    active = run(redis_store(redis_target), scenario)
-    assert (redis_target.keys(), active) == ([], 0)
+    active = run(redis_store(any_redis), scenario)
+    assert (any_redis.keys(), active) == ([], 0)
 
 
 # --- lifecycle -------------------------------------------------------------------------------
@@ -832,30 +831,39 @@ def test_embedded_readers_wake_for_their_own_session_and_read_only_what_is_new(
 # --- Redis keys ------------------------------------------------------------------------------
 
 
-def test_redis_session_keys_share_hash_tag_and_expire(redis_target: RedisTarget) -> None:
+def test_redis_session_keys_share_their_shard_tag_and_expire(any_redis: RedisTarget) -> None:
+    """A session's keys, its shard's index and outbox carry the shard's hash tag: one cluster slot, so that every
+    script touches keys of one slot."""
+    sessions = ("alpha", "beta.2:x")
+
     async def scenario(store: SessionStore) -> None:
-        for session_id in ("alpha", "beta.2:x"):
+        await store.open_outbox()
+        for session_id in sessions:
             await append(store, 0, one_sample_each(count=5), session_id=session_id)
             pending = await append(store, 1, one_sample_each(count=1, start=5), session_id=session_id)
             assert (await commit_pending(store, pending, session_id=session_id)).recorded == [0, 1]
 
-    run(redis_store(redis_target), scenario)
-    index = f"{redis_target.prefix}:sessions"
-    keys = [key for key in redis_target.keys() if key != index]
-    by_session = {
-        session_id: sorted(key for key in keys if key.startswith(f"{redis_target.prefix}:{{{session_id}}}:"))
-        for session_id in ("alpha", "beta.2:x")
-    }
-    assert sorted(k for session_keys in by_session.values() for k in session_keys) == keys
-    for session_id, session_keys in by_session.items():
-        assert [key.rsplit(":", 1)[1] for key in session_keys] == ["buf", "meta", "pred"], session_id
-    with redis_target.client() as client:
-        for key in keys:
-            ttl = client.pttl(key)
-            assert 0 < ttl <= TTL * 1000, f"{key} has TTL {ttl} ms"
+    run(redis_store(any_redis), scenario)
+    tags = shard_tags(SHARDS)
+    keys = set(any_redis.keys())
+    expected: set[str] = {f"{any_redis.prefix}:{{{tag}}}:outbox" for tag in tags}
+    with any_redis.client() as client:
+        for session_id in sessions:
+            tag = tags[shard_of(session_id, SHARDS)]
+            base = f"{any_redis.prefix}:{{{tag}}}:session:{session_id}"
+            session_keys = {f"{base}:{name}" for name in ("meta", "buf", "pred")}
+            expected |= session_keys | {f"{any_redis.prefix}:{{{tag}}}:sessions"}
+            for key in session_keys:
+                ttl = client.pttl(key)
+                assert 0 < ttl <= TTL * 1000, f"{key} has TTL {ttl} ms"
+            assert client.zscore(f"{any_redis.prefix}:{{{tag}}}:sessions", session_id) is not None
+    assert keys == expected
+    for key in keys:  # each key in the slot its tag names, and the shards spread evenly over the slots
+        tag = key.split("{", 1)[1].split("}", 1)[0]
+        assert key_slot(key.encode()) == key_slot(tag.encode()) == tags.index(tag) * 16384 // SHARDS
 
 
-def test_redis_commit_equal_predictions_of_different_windows(redis_target: RedisTarget) -> None:
+def test_redis_commit_equal_predictions_of_different_windows(any_redis: RedisTarget) -> None:
     async def scenario(store: SessionStore) -> None:
         pending = await append(store, 0, one_sample_each(count=8))
         assert (pending.first_window, pending.windows) == (0, 3)
@@ -876,18 +884,18 @@ def test_redis_commit_equal_predictions_of_different_windows(redis_target: Redis
         assert snapshot is not None
         assert (snapshot.windows, snapshot.predictions) == (3, [same, same, same])
 
-    run(redis_store(redis_target), scenario)
+    run(redis_store(any_redis), scenario)
 
 
-def test_redis_commit_for_missing_session_writes_no_key(redis_target: RedisTarget) -> None:
+def test_redis_commit_for_missing_session_writes_no_key(any_redis: RedisTarget) -> None:
     async def scenario(store: SessionStore) -> None:
         pending = await append(store, 0, one_sample_each(count=6))
         assert await store.delete("s1") is True
         assert (await commit_pending(store, pending)).recorded == []
         assert (await commit(store, 0, 1, session_id="never-started")).recorded == []
 
-    run(redis_store(redis_target), scenario)
-    assert redis_target.keys() == []
+    run(redis_store(any_redis), scenario)
+    assert any_redis.keys() == []
 
 
 # --- time origin, events, history, outbox and delivery -----------------------------------------
@@ -1113,7 +1121,9 @@ def test_event_log_and_history_keep_the_newest(make_store: StoreFactory) -> None
     run(make_store, scenario)
 
 
-def test_transitions_of_every_session_reach_the_outbox_in_commit_order(make_store: StoreFactory) -> None:
+def test_transitions_of_every_session_reach_the_outbox_each_session_in_commit_order(make_store: StoreFactory) -> None:
+    """Sessions 's1' and 's2' are in two shards of a Redis store: its outbox has parts, read as one."""
+
     async def scenario(store: SessionStore) -> None:
         for session_id in ("s1", "s2"):
             await append(store, 0, one_sample_each(count=8), session_id=session_id)
@@ -1126,45 +1136,62 @@ def test_transitions_of_every_session_reach_the_outbox_in_commit_order(make_stor
         b = await commit(store, 1, 1, session_id="s2", events=events_of("t1"))
         c = await commit(store, 2, 1, session_id="s1", events=events_of("t2"))
         entries = await store.read_outbox("0-0", limit=10, wait_seconds=0.01)
-        assert [(e.session_id, e.event_id, e.data) for e in entries] == [
+        queued = {
             ("s1", a.event_ids[1], events_of("t0")[0].data),
             ("s2", b.event_ids[0], events_of("t1")[0].data),
             ("s1", c.event_ids[0], events_of("t2")[0].data),
-        ]
-        assert [e.id for e in await store.read_outbox(entries[0].id, limit=1, wait_seconds=0.01)] == [entries[1].id]
-        assert await store.read_outbox(entries[-1].id, limit=10, wait_seconds=0.01) == []
+        }
+        assert {(e.session_id, e.event_id, e.data) for e in entries} == queued
+        assert [e.event_id for e in entries if e.session_id == "s1"] == [a.event_ids[1], c.event_ids[0]]
+        # Reading on from an entry's position gives the entries after it, once each.
+        first = await store.read_outbox(entries[0].position, limit=1, wait_seconds=0.01)
+        assert [e.event_id for e in first] == [entries[1].event_id]
+        assert await store.read_outbox(entries[-1].position, limit=10, wait_seconds=0.01) == []
         # Opening it again (another process starting) keeps what it holds.
         await store.open_outbox()
         assert await store.read_outbox("0-0", limit=10, wait_seconds=0.01) == entries
         # The outbox outlives the session: a transition is delivered even after the session ends.
         assert await store.delete("s1")
         assert await store.read_outbox("0-0", limit=10, wait_seconds=0.01) == entries
-        # And it keeps the newest ``retention.outbox``.
+        # And it keeps the newest ``retention.outbox``: in a sharded store, each part keeps its share of them
+        # (one, here) as it queues more.
         small = Retention(predictions=KEEP, events=100, segments=100, outbox=2)
         d = await commit(store, 2, 1, session_id="s2", events=events_of("t2"), retention=small)
-        assert [e.event_id for e in await store.read_outbox("0-0", limit=10, wait_seconds=0.01)] == [
-            c.event_ids[0],
-            d.event_ids[0],
-        ]
+        # Event ids are per session: two sessions may log an event in the same millisecond.
+        kept = [(e.session_id, e.event_id) for e in await store.read_outbox("0-0", limit=10, wait_seconds=0.01)]
+        assert kept[-1] == ("s2", d.event_ids[0])
+        assert ("s2", b.event_ids[0]) not in kept
 
     run(make_store, scenario)
 
 
 def test_delivery_lease_and_cursor(make_store: StoreFactory) -> None:
     async def scenario(store: SessionStore) -> None:
+        await store.open_outbox()
+        for session_id in ("s1", "s2"):
+            await append(store, 0, one_sample_each(count=8), session_id=session_id)
+        await commit(store, 0, 1, session_id="s1", events=events_of("t0"))
+        [old] = await store.read_outbox("0-0", limit=10, wait_seconds=0.01)
+
         async def hold(target: str, owner: str) -> str | None:
-            return await store.hold_delivery(target, owner, lease_seconds=0.5, start_after="5-0")
+            return await store.hold_delivery(target, owner, lease_seconds=0.5, start_after=old.id)
 
         # A target without a cursor starts where it is told: not with a backlog queued for others.
-        assert await hold("hook", "owner-a") == "5-0"
+        start = await hold("hook", "owner-a")
+        assert start is not None
+        assert await store.read_outbox(start, limit=10, wait_seconds=0.01) == []
         assert await hold("hook", "owner-b") is None
-        assert await store.advance_delivery("hook", "owner-a", "17-0")
-        assert not await store.advance_delivery("hook", "owner-b", "18-0")
-        assert await hold("hook", "owner-a") == "17-0"  # renewed, from its cursor
-        assert await hold("other", "owner-b") == "5-0"  # per target
+        await commit(store, 0, 1, session_id="s2", events=events_of("t0"))
+        [new] = await store.read_outbox(start, limit=10, wait_seconds=0.01)
+        assert new.session_id == "s2"
+        assert await store.advance_delivery("hook", "owner-a", new.position)
+        assert not await store.advance_delivery("hook", "owner-b", start)
+        assert await hold("hook", "owner-a") == new.position  # renewed, from its cursor
+        assert await hold("other", "owner-b") == start  # per target
         await asyncio.sleep(0.7)
         # The lease lapsed: another owner takes over from the cursor, and the old one may not move it.
-        assert await hold("hook", "owner-b") == "17-0"
-        assert not await store.advance_delivery("hook", "owner-a", "19-0")
+        assert await hold("hook", "owner-b") == new.position
+        assert not await store.advance_delivery("hook", "owner-a", start)
+        assert await store.read_outbox(new.position, limit=10, wait_seconds=0.01) == []
 
     run(make_store, scenario)

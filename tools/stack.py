@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import yaml
+
+from tools.redis_cluster import sync_client
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 PROMETHEUS_CONFIG = PROMETHEUS_DIR / "prometheus.yml"
@@ -220,12 +221,13 @@ def run_proxy(workdir: Path, *, target: str, config: Path, replace: Mapping[str,
 
 @contextmanager
 def redis_prefix(url: str, name: str) -> Iterator[str]:
-    """A fresh key prefix ``<name>-<hex>`` on the Redis at ``url``, one run's alone; its keys are deleted afterwards."""
+    """A fresh key prefix ``<name>-<hex>`` on the Redis (or cluster) at ``url``, one run's alone; its keys are
+    deleted afterwards (a cluster's client deletes each key on its node)."""
     prefix = f"{name}-{uuid.uuid4().hex}"
     try:
         yield prefix
     finally:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+        client = sync_client(url)
         try:
             batch: list[bytes] = []
             for key in client.scan_iter(match=f"{prefix}:*", count=DELETE_BATCH):

@@ -1,8 +1,9 @@
 -- Append one chunk to a session and return every complete window not yet committed, atomically.
 -- KEYS[1] meta hash, KEYS[2] buffer hash (one binary float32 field per modality), KEYS[3] predictions zset,
--- KEYS[4] events stream, KEYS[5] history list (their expiry is refreshed with the session's).
+-- KEYS[4] events stream, KEYS[5] history list (their expiry is refreshed with the session's), KEYS[6] the index of
+-- the shard's active sessions (score: last activity).
 -- ARGV: seq, ttl_ms, now, model, layout_json, origin, generation (model, layout, time origin and generation apply
--- when seq 0 starts the session), the session's news channel, then modality/bytes pairs.
+-- when seq 0 starts the session), the session's news channel, the session's id, then modality/bytes pairs.
 -- Nothing is written unless the whole chunk is accepted. Starting the session is news for its event readers.
 local meta, buffers, predictions = KEYS[1], KEYS[2], KEYS[3]
 local seq, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -34,7 +35,7 @@ elseif seq ~= last + 1 then
 else
   local index, incoming = {}, {}
   for i, name in ipairs(layout.modalities) do index[name] = i end
-  for j = 9, #ARGV, 2 do
+  for j = 10, #ARGV, 2 do
     local i = index[ARGV[j]]
     if not i then return {'modalities', model, layout_json} end
     incoming[i] = ARGV[j + 1]
@@ -73,7 +74,9 @@ for i, name in ipairs(layout.modalities) do
     spans[i] = string.sub(redis.call('HGET', buffers, name) or '', start * size + 1, stop * size)
   end
 end
-for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl) end
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ttl) end
+redis.call('ZADD', KEYS[6], ARGV[3], ARGV[9])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', tonumber(ARGV[3]) - ttl / 1000)
 local reply = {status, tostring(seq), model, layout_json, started, cjson.encode(received),
   cjson.encode(offsets), tostring(next_window), tostring(count), redis.call('HGET', meta, 'tracker') or '', generation}
 for i = 1, #layout.modalities do reply[#reply + 1] = spans[i] end

@@ -161,10 +161,11 @@ class EventPosition:
 
 @dataclass(frozen=True)
 class OutboxEntry:
-    id: str
+    id: str  # '<milliseconds>-<sequence>', the milliseconds of its commit
     session_id: str
     event_id: str
     data: str  # the transition's JSON
+    position: str  # where delivery stands once this entry is delivered: for read_outbox and advance_delivery
 
 
 @dataclass
@@ -254,17 +255,20 @@ class SessionStore(abc.ABC):
 
     @abc.abstractmethod
     async def read_outbox(self, after: str, *, limit: int, wait_seconds: float) -> list[OutboxEntry]:
-        """Transitions of every session after outbox id ``after``, oldest first, waiting for one."""
+        """Transitions of every session after outbox position ``after`` (an entry's position, or an outbox id:
+        the entries committed after its time), oldest first (each session's in the order of its commits),
+        waiting for one."""
 
     @abc.abstractmethod
     async def hold_delivery(self, target: str, owner: str, *, lease_seconds: float, start_after: str) -> str | None:
-        """Take or renew ``owner``'s lease on delivering to ``target``; the target's cursor (the last
-        outbox id delivered) if held, None when another owner holds it. A target without a cursor yet
-        starts after outbox id ``start_after``: not with a backlog queued for other targets."""
+        """Take or renew ``owner``'s lease on delivering to ``target``; the target's cursor (its position in
+        the outbox: past every entry delivered) if held, None when another owner holds it. A target without
+        a cursor yet starts after the entries committed until the time of outbox id ``start_after``: not with
+        a backlog queued for other targets."""
 
     @abc.abstractmethod
-    async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
-        """Move ``target``'s cursor to ``outbox_id`` if ``owner`` still holds the lease."""
+    async def advance_delivery(self, target: str, owner: str, position: str) -> bool:
+        """Move ``target``'s cursor to ``position`` (an entry's) if ``owner`` still holds the lease."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> bool: ...

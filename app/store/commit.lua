@@ -4,7 +4,7 @@
 -- delivery has opened it) and the closed
 -- segments to its history, then drop the samples no window still needs.
 -- KEYS: meta hash, buffer hash, predictions zset (members '<window>:<json>'), events stream,
---   history list, outbox stream.
+--   history list, the shard's outbox stream.
 -- ARGV: ttl_ms, keep_predictions, first, tracker_json, keep_events, keep_segments, keep_outbox,
 --   session_id, generation, the session's news channel, the outbox's news channel, then a count and that many
 --   predictions, a count and that many segments, then event type/data pairs.

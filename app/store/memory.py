@@ -302,9 +302,9 @@ class MemoryStore(SessionStore):
             event_ids.append(stored.id)
             if event.type == "transition" and self._outbox_open:
                 queued = self._ids.next()
-                self._outbox.append(
-                    queued, OutboxEntry(_id_text(queued), session_id, stored.id, event.data), retention.outbox
-                )
+                entry_id = _id_text(queued)
+                entry = OutboxEntry(entry_id, session_id, stored.id, event.data, position=entry_id)
+                self._outbox.append(queued, entry, retention.outbox)
                 self._outbox_news.wake(OUTBOX)
         session.history.extend(segments)
         while len(session.history) > retention.segments:
@@ -389,11 +389,11 @@ class MemoryStore(SessionStore):
         self._leases[target] = (owner, now + lease_seconds)
         return self._cursors.setdefault(target, start_after)
 
-    async def advance_delivery(self, target: str, owner: str, outbox_id: str) -> bool:
+    async def advance_delivery(self, target: str, owner: str, position: str) -> bool:
         holder, expires = self._leases.get(target, ("", 0.0))
         if holder != owner or expires <= time.monotonic():
             return False
-        self._cursors[target] = outbox_id
+        self._cursors[target] = position
         return True
 
     async def delete(self, session_id: str) -> bool:

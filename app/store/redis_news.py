@@ -1,15 +1,18 @@
-"""News of sessions over Redis sharded pub/sub, for the event readers waiting in this process.
+"""News of sessions over Redis sharded pub/sub, for the readers waiting in this process.
 
 The scripts that change a session publish on its channel (``SPUBLISH``, from inside the
 script, so news never precedes what it announces). This process subscribes to a channel
-while readers of it wait, and one connection carries the news of every channel followed, so
-a thousand open event streams cost one connection rather than a thousand blocked reads.
+while readers of it wait, and one connection (one per node of a cluster) carries the news of
+every channel followed, so a thousand open event streams cost one connection rather than a
+thousand blocked reads.
 
 A reader subscribes before it looks (``watch`` returns once Redis confirmed the
 subscription), so news published while it looks is not lost. A channel stays subscribed for
 ``LINGER_SECONDS`` after its last reader leaves, as a reader's next wait follows at once.
-When the connection drops, every reader is woken to look again, and again once the
-subscriptions are back: news sent in between is lost, what it announced is not.
+When a connection drops, or a cluster's slot moves, every reader is woken to look again, and
+again once subscriptions are back: news sent in between is lost, what it announced is not.
+A cluster's subscriptions follow its slots as redis-py's cluster client learns where they
+moved; meanwhile a reader still wakes at every keep-alive and at its session's expiry.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub, RedisCluster
+from redis.exceptions import RedisError
 
 from app.store.base import StoreUnavailable
 from app.store.wakeups import Wakeups
@@ -31,12 +37,20 @@ log = logging.getLogger(__name__)
 LINGER_SECONDS = 10.0
 CONFIRM_TIMEOUT_SECONDS = 2.0
 RECONNECT_DELAY_SECONDS = 0.5
+# A cluster's subscriptions live on several nodes, which redis-py reads in turn, this long each.
+CLUSTER_READ_SECONDS = 0.05
 
 
 class RedisNews:
-    def __init__(self, client: Redis, outage: tuple[type[BaseException], ...]) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        outage: tuple[type[BaseException], ...],
+        discovered: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._client = client
         self._outage = outage
+        self._discovered = discovered  # a cluster client must know the slots before it subscribes
         self._pubsub: PubSub | None = None
         self._wakeups = Wakeups()
         self._confirmed: dict[str, asyncio.Future[None]] = {}  # channel -> its subscription's confirmation
@@ -48,19 +62,22 @@ class RedisNews:
         self._reconnecting = False
 
     @contextlib.asynccontextmanager
-    async def watch(self, channel: str) -> AsyncIterator[asyncio.Future[None]]:
-        """A future that news on ``channel`` completes, subscribed when this yields; ``StoreUnavailable`` if
-        Redis cannot confirm the subscription."""
+    async def watch(self, *channels: str) -> AsyncIterator[asyncio.Future[None]]:
+        """A future that news on any of ``channels`` completes, subscribed when this yields; ``StoreUnavailable``
+        if Redis cannot confirm a subscription."""
         try:
-            with self._wakeups.watch(channel) as news:
-                if handle := self._linger.pop(channel, None):
-                    handle.cancel()
-                await self._subscribe(channel)
+            with self._wakeups.watch(*channels) as news:
+                for channel in channels:
+                    if handle := self._linger.pop(channel, None):
+                        handle.cancel()
+                for channel in channels:
+                    await self._subscribe(channel)
                 yield news
         finally:
-            if not self._wakeups.watched(channel) and channel not in self._linger:
-                loop = asyncio.get_running_loop()
-                self._linger[channel] = loop.call_later(LINGER_SECONDS, self._unsubscribe, channel)
+            loop = asyncio.get_running_loop()
+            for channel in channels:
+                if not self._wakeups.watched(channel) and channel not in self._linger:
+                    self._linger[channel] = loop.call_later(LINGER_SECONDS, self._unsubscribe, channel)
 
     async def _subscribe(self, channel: str) -> None:
         confirmed = self._confirmed.get(channel)
@@ -81,7 +98,9 @@ class RedisNews:
         try:
             pubsub = await self._connected()
             await pubsub.ssubscribe(channel)
-        except self._outage as error:
+        except Exception as error:  # whatever it is, the readers waiting for the confirmation hear of it
+            if not isinstance(error, (*self._outage, RedisError)):
+                log.exception("subscribing to %s failed", channel)
             self._forget(channel, confirmed)
             if not confirmed.done():
                 confirmed.set_exception(StoreUnavailable(str(error)))
@@ -97,15 +116,18 @@ class RedisNews:
         task.add_done_callback(self._background.discard)
 
     async def _connected(self) -> PubSub:
-        """The subscriber connection, opened once however many readers come at the same time."""
+        """The subscriber, connected once however many readers come at the same time."""
         connecting = self._connecting
         if connecting is None or (connecting.done() and (connecting.cancelled() or connecting.exception() is not None)):
             self._connecting = asyncio.get_running_loop().create_task(self._connect(), name="redis-news-connect")
         return await asyncio.shield(self._connecting)
 
     async def _connect(self) -> PubSub:
+        if self._discovered is not None:
+            await self._discovered()
         pubsub = self._client.pubsub()
-        await pubsub.connect()
+        if not isinstance(pubsub, ClusterPubSub):  # a cluster's subscriber connects to each node as it needs
+            await pubsub.connect()
         self._pubsub = pubsub
         self._listening = asyncio.get_running_loop().create_task(self._listen(pubsub), name="redis-news")
         return pubsub
@@ -125,16 +147,28 @@ class RedisNews:
     async def _send_unsubscribe(self, pubsub: PubSub, channel: str) -> None:
         try:
             await pubsub.sunsubscribe(channel)
-        except self._outage as error:  # the subscription goes with the connection anyway
+        except (*self._outage, RedisError) as error:  # the subscription goes with the connection anyway
             log.debug("unsubscribing from %s failed: %s", channel, error)
+
+    async def _next_message(self, pubsub: PubSub) -> dict | None:
+        if isinstance(pubsub, ClusterPubSub):
+            began = time.monotonic()
+            message = await pubsub.get_sharded_message(timeout=CLUSTER_READ_SECONDS)
+            if message is None:  # it answers at once while no node has a subscription
+                await asyncio.sleep(max(0.0, CLUSTER_READ_SECONDS - (time.monotonic() - began)))
+            return message
+        return await pubsub.get_message(timeout=None)
 
     async def _listen(self, pubsub: PubSub) -> None:
         while True:
             try:
-                message = await pubsub.get_message(timeout=None)
-            except self._outage as error:
-                if not self._reconnecting:
-                    log.warning("session news lost its Redis connection: %s", error)
+                message = await self._next_message(pubsub)
+            except Exception as error:  # a bug as well must not end the news for good
+                # A connection lost, or a subscription answered from a node that no longer holds its slot.
+                if not isinstance(error, (*self._outage, RedisError)):
+                    log.exception("session news failed")
+                elif not self._reconnecting:
+                    log.warning("session news interrupted: %s", error)
                 self._reconnecting = True
                 self._leaving.clear()  # the connection took the subscriptions, and their confirmations
                 self._wakeups.wake_all()  # readers look again: they may have missed news
@@ -147,9 +181,9 @@ class RedisNews:
         kind = _text(message["type"])
         channel = _text(message["channel"]) if message.get("channel") is not None else ""
         if self._reconnecting and kind == "ssubscribe":
-            # The connection is back with its subscriptions: news sent meanwhile is lost, so everyone looks again.
+            # Subscriptions are back: news sent meanwhile is lost, so everyone looks again.
             self._reconnecting = False
-            log.info("session news reconnected to Redis")
+            log.info("session news resumed")
             self._wakeups.wake_all()
         if kind == "smessage":
             self._wakeups.wake(channel)
@@ -160,13 +194,16 @@ class RedisNews:
             elif not confirmed.done():
                 confirmed.set_result(None)
         elif kind == "sunsubscribe":
+            confirmed = self._confirmed.get(channel)
             if self._leaving.get(channel, 0) > 0:
                 self._leaving[channel] -= 1
                 if not self._leaving[channel]:
                     del self._leaving[channel]
-            elif self._confirmed.pop(channel, None) is not None:
-                # Redis ended a subscription this process still wants (its slot moved to another node): its
-                # readers look again and subscribe anew.
+            elif confirmed is not None and confirmed.done():
+                # A subscription this process still wants ended: its slot moved to another node, and redis-py
+                # moves the subscription there once it has learnt where. Until that is confirmed its readers
+                # look again and wait for the confirmation, or give up and come back.
+                self._confirmed[channel] = asyncio.get_running_loop().create_future()
                 self._wakeups.wake(channel)
 
     async def close(self) -> None:

@@ -17,17 +17,20 @@ class Wakeups:
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
 
     @contextlib.contextmanager
-    def watch(self, key: str) -> Iterator[asyncio.Future[None]]:
-        """A future that news of ``key`` completes, for as long as the block runs."""
+    def watch(self, *keys: str) -> Iterator[asyncio.Future[None]]:
+        """A future that news of any of ``keys`` completes, for as long as the block runs."""
         news: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiting = self._waiting.setdefault(key, set())
-        waiting.add(news)
+        for key in keys:
+            self._waiting.setdefault(key, set()).add(news)
         try:
             yield news
         finally:
-            waiting.discard(news)
-            if not waiting and self._waiting.get(key) is waiting:
-                del self._waiting[key]
+            for key in keys:
+                waiting = self._waiting.get(key)
+                if waiting is not None:
+                    waiting.discard(news)
+                    if not waiting:
+                        del self._waiting[key]
 
     def wake(self, key: str) -> None:
         for news in self._waiting.get(key, ()):
