@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 
 from model.config import DMFTConfig, ModalitySpec
 from model.data import WindowDataset, save_npz
@@ -50,6 +51,9 @@ ACCELEROMETER = ModalitySpec("accelerometer", channels=3, sample_rate=50.0, rota
 GYROSCOPE = ModalitySpec("gyroscope", channels=3, sample_rate=25.0, rotatable=True)
 BAROMETER = ModalitySpec("barometer", channels=1, sample_rate=12.0)
 MODALITIES = [ACCELEROMETER, GYROSCOPE, BAROMETER]
+
+# The property-based test draws hypothesis's default 100 examples per test; `--hypothesis-profile=long` draws more.
+settings.register_profile("long", max_examples=2000)
 
 ConfigFactory = Callable[..., DMFTConfig]
 InputsFactory = Callable[..., list[torch.Tensor]]

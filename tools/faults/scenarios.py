@@ -43,7 +43,8 @@ from tools.traffic import WatchData
 
 POLLED = ("/healthz", "/readyz", "/v1/overview", "/metrics")
 POLL_INTERVAL_S = 0.25
-SETTLE_TIMEOUT_S = 30.0  # for the supervisor to replace a worker, or a follower to catch up
+SETTLE_TIMEOUT_S = 30.0
+KEEPALIVE_EXPIRY_S = 2.0  # for the supervisor to replace a worker, or a follower to catch up
 
 
 @dataclass
@@ -81,8 +82,14 @@ class RunReport:
 
 
 def _client(base: str, *, connections: int, bound_s: float) -> httpx.AsyncClient:
-    """A client whose requests give up well after the run's bound, so that a late answer is seen as late."""
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    """A client whose requests give up well after the run's bound, so that a late answer is seen as late.
+
+    It lets idle connections go sooner than the service closes them (``DMFT_KEEPALIVE_TIMEOUT_SECONDS``, 5 s),
+    as a client should: one sent on a connection that the server is closing at that moment gets no answer.
+    """
+    limits = httpx.Limits(
+        max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=KEEPALIVE_EXPIRY_S
+    )
     return httpx.AsyncClient(base_url=base, limits=limits, timeout=bound_s + 5, trust_env=False)
 
 
